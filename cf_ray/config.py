@@ -1,0 +1,192 @@
+"""Typed configuration: defaults live here, YAML files and `key=value` overrides only change them.
+
+Every stage receives only its own config. An unknown key or a wrong type is rejected, naming the key,
+before any work starts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run; the message says what to change."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ImageConfig(_Strict):
+    """How an image file becomes a network input."""
+
+    size: int = Field(32, gt=0, description="Side of the square crop fed to the network (pixels).")
+    resize: int | None = Field(None, gt=0, description="Short side before the centre crop; default: size.")
+    mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="Per-channel mean for normalisation.")
+    std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="Per-channel std for normalisation.")
+
+
+class ModelConfig(_Strict):
+    """A backbone from the registry (see `cf_ray.models.list_backbones()`)."""
+
+    arch: str = Field("resnet_tiny", description="Registered backbone name, e.g. resnet_tiny, resnet18, resnet50.")
+    width: int = Field(16, gt=0, description="Base width (channels of res2) for width-configurable backbones.")
+    stem: Literal["cifar", "imagenet"] = Field("cifar", description="cifar: 3x3 conv, no max-pool (small images); imagenet: 7x7/2 + max-pool.")
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        from cf_ray.models import list_backbones
+
+        if v not in list_backbones():
+            raise ValueError(f"unknown backbone {v!r}; registered: {', '.join(list_backbones())}")
+        return v
+
+
+class TrainConfig(_Strict):
+    """A Ray Train classification run: RotNet pre-training or ClusterFit retraining."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(128, gt=0, description="Per-worker batch size.")
+    lr: float = Field(0.1, gt=0, description="Peak learning rate for a global batch of 256 (scaled linearly).")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    warmup_epochs: int = Field(1, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    balanced_sampling: bool = Field(False, description="Sample uniformly over pseudo-labels (DeepCluster's UnifLabelSampler).")
+    num_workers: int = Field(1, gt=0, description="Ray Train workers.")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: Literal["auto", "yes", "no"] = Field("auto", description="auto: a GPU per worker when the cluster has GPUs.")
+    max_failures: int = Field(2, ge=-1, description="Worker failures tolerated (restart from the last checkpoint).")
+    keep_checkpoints: int = Field(2, gt=0)
+    seed: int = 0
+
+
+class PretrainConfig(_Strict):
+    """Where the pre-trained network comes from."""
+
+    source: Literal["rotnet", "checkpoint", "torchvision"] = Field(
+        "rotnet", description="rotnet: self-supervised rotation prediction trained here; checkpoint: a state_dict file; torchvision: weights in the local torch cache."
+    )
+    checkpoint: str | None = Field(None, description="Path to a backbone state_dict (source=checkpoint).")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _checkpoint_given(self) -> "PretrainConfig":
+        if self.source == "checkpoint" and not self.checkpoint:
+            raise ValueError("pretrain.source=checkpoint needs pretrain.checkpoint=<path to state_dict>")
+        return self
+
+
+class ExtractConfig(_Strict):
+    """Ray Data feature extraction into Parquet."""
+
+    layers: list[str] = Field(["res4", "res5"], min_length=1, description="Feature taps, globally average-pooled.")
+    batch_size: int = Field(256, gt=0)
+    block_rows: int = Field(2048, gt=0, description="Rows per Ray Data block (and per output file).")
+    num_actors: int = Field(1, gt=0, description="Actor pool size (one GPU each where the cluster has GPUs).")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    torch_threads: int = Field(0, ge=0, description="intra-op threads per actor; 0 = cpus_per_actor.")
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+
+
+class ClusterConfig(_Strict):
+    """k-means over extracted features."""
+
+    k: int = Field(100, gt=0, description="Number of clusters (VISSL's ImageNet default is 16000).")
+    layer: str = Field("res5", description="Which extracted feature column to cluster.")
+    niter: int = Field(20, gt=0)
+    seed: int = 1234
+    l2_normalize: bool = True
+    pca_dim: int | None = Field(None, gt=0, description="PCA-whiten to this many dims after L2 (VISSL order); none: off.")
+    max_points_per_centroid: int = Field(10_000_000, gt=0, description="faiss subsampling of the training set; large = use all rows.")
+    backend: Literal["faiss"] = "faiss"
+
+
+class ProbeConfig(_Strict):
+    """Linear probes on frozen features (transfer)."""
+
+    layers: list[str] = Field(["res3", "res4", "res5"], min_length=1)
+    weight_decays: list[float] = Field([1e-5, 1e-4, 1e-3, 1e-2], min_length=1, description="Grid; the best on a held-out part of train is kept.")
+    epochs: int = Field(100, gt=0, description="Full-batch L-BFGS steps.")
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    test_fraction: float = Field(0.3, gt=0, lt=1, description="Used only when the target has no test split.")
+    seed: int = 0
+
+
+class RayConfig(_Strict):
+    """A local Ray started by the job (ignored when RAY_ADDRESS points at a cluster)."""
+
+    num_cpus: int | None = Field(None, gt=0, description="default: all cores")
+    object_store_mb: int = Field(1024, gt=50)
+
+
+class ImageJobConfig(_Strict):
+    """The whole image ClusterFit job."""
+
+    run_dir: str = Field("runs/image", description="Path or URI of the run directory.")
+    data: str = Field("", description="Images to pre-train and cluster on (folder or manifest); labels, if any, are ignored.")
+    target: str = Field("", description="Labelled target for transfer: a folder with train/ and test/, or one labelled folder/manifest (split deterministically).")
+    seed: int = 0
+    image: ImageConfig = Field(default_factory=ImageConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    retrain: TrainConfig = Field(default_factory=TrainConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _layers_extracted(self) -> "ImageJobConfig":
+        missing = [l for l in [self.cluster.layer, *self.probe.layers] if l not in self.extract.layers]
+        if missing:
+            raise ValueError(f"layers {missing} are used by cluster/probe but not in extract.layers={self.extract.layers}")
+        return self
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (e.g. cluster.k=500)")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def _set(tree: dict, keys: list[str], value: Any) -> None:
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {'.'.join(keys)}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(cls: type[BaseModel], path: str | Path | None = None, overrides: list[str] = ()) -> BaseModel:
+    """Defaults <- YAML file <- dotted overrides; raises ConfigError naming the bad key."""
+    tree: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        tree = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    for item in overrides:
+        keys, value = parse_override(item)
+        _set(tree, keys, value)
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"  {key}: {msg}")
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,10 @@
+"""One registry for image and video backbones.
+
+A backbone maps an input batch to a dict of pooled features per tap (``forward_features``) and
+knows each tap's width (``feature_info``). Classification heads live outside the backbone, so a
+saved state_dict is just the backbone with plain keys.
+"""
+from cf_ray.models._registry import Backbone, create_backbone, list_backbones, register_backbone
+from cf_ray.models import resnet  # noqa: F401  (registers image backbones)
+
+__all__ = ["Backbone", "create_backbone", "list_backbones", "register_backbone"]

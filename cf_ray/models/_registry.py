@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+class Backbone(Protocol):
+    feature_info: dict[str, int]  # tap name -> channels after pooling
+    modality: str  # "image" or "video"
+
+    def forward_features(self, x: torch.Tensor, taps: list[str] | None = None) -> dict[str, torch.Tensor]: ...
+
+
+def register_backbone(name: str):
+    def wrap(fn: Callable[..., nn.Module]):
+        if name in _REGISTRY:
+            raise ValueError(f"backbone {name!r} registered twice")
+        _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def list_backbones() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_backbone(name: str, **kwargs) -> nn.Module:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown backbone {name!r}; registered: {', '.join(list_backbones())}")
+    return _REGISTRY[name](**kwargs)

@@ -1,0 +1,37 @@
+"""Starting or joining Ray, and choosing devices the cluster really has."""
+from __future__ import annotations
+
+import os
+
+import ray
+
+
+def init_ray(num_cpus: int | None = None, object_store_mb: int = 1024) -> None:
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local Ray.
+
+    Inside a submitted job ``ray.init()`` must get no resource arguments.
+    """
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count(),
+            object_store_memory=object_store_mb * 2**20,
+            include_dashboard=False,
+            log_to_driver=True,
+        )
+
+
+def cluster_gpus() -> float:
+    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
+
+
+def want_gpu(choice: str) -> bool:
+    """'auto' -> a GPU only where the cluster has one; 'yes' on a GPU-less cluster is an error, not a hang."""
+    gpus = cluster_gpus()
+    if choice == "yes" and gpus == 0:
+        raise RuntimeError("use_gpu=yes but the Ray cluster has no GPU; set use_gpu=auto or no")
+    return choice == "yes" or (choice == "auto" and gpus > 0)

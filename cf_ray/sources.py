@@ -1,0 +1,129 @@
+"""Inputs: a folder of media files (class subfolders give labels) or a manifest (CSV/Parquet).
+
+Every source becomes one Arrow table of (id, path, label); files that are skipped before decoding
+(unsupported extension) come back in a second table of (id, path, error) so nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import posixpath
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from cf_ray import storage
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
+
+ITEMS_SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("label", pa.string())])
+ERRORS_SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("stage", pa.string()), ("error", pa.string())])
+
+
+class SourceError(ValueError):
+    """A data source that cannot be used; the message says what to change."""
+
+
+def list_items(source: str, exts: tuple[str, ...] = IMAGE_EXTS) -> tuple[pa.Table, pa.Table]:
+    """(items, skipped) for a folder or manifest. Raises SourceError for a missing or empty source."""
+    if not source:
+        raise SourceError("no data path given (pass --data <folder or manifest>)")
+    if not storage.exists(source):
+        raise SourceError(f"data path {source} does not exist")
+    fs, root = storage.resolve(source)
+    if fs.get_file_info(root).type == pafs.FileType.File:
+        items, skipped = _from_manifest(source)
+    else:
+        items, skipped = _from_folder(fs, root, source, exts)
+    if items.num_rows == 0:
+        raise SourceError(f"{source} holds no usable files (looked for {', '.join(exts)}; skipped {skipped.num_rows})")
+    return items, skipped
+
+
+def _from_folder(fs: pafs.FileSystem, root: str, source: str, exts: tuple[str, ...]):
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File)
+    keep, skip = [], []
+    for f in files:
+        rel = f[len(root):].lstrip("/")
+        if posixpath.basename(rel).startswith("."):
+            continue  # hidden files (.DS_Store, ._foo) are not data
+        full = source.rstrip("/") + "/" + rel if storage.is_uri(source) else f
+        (keep if rel.lower().endswith(exts) else skip).append((rel, full))
+    # Labels come from the first folder level, only when every kept file sits in one.
+    labelled = bool(keep) and all("/" in rel for rel, _ in keep)
+    items = pa.table(
+        {
+            "id": [rel for rel, _ in keep],
+            "path": [full for _, full in keep],
+            "label": [rel.split("/", 1)[0] if labelled else None for rel, _ in keep],
+        },
+        schema=ITEMS_SCHEMA,
+    )
+    skipped = pa.table(
+        {
+            "id": [rel for rel, _ in skip],
+            "path": [full for _, full in skip],
+            "stage": ["list"] * len(skip),
+            "error": [f"unsupported file type (expected one of {', '.join(exts)})"] * len(skip),
+        },
+        schema=ERRORS_SCHEMA,
+    )
+    return items, skipped
+
+
+def _from_manifest(source: str):
+    fs, p = storage.resolve(source)
+    if source.lower().endswith(".parquet"):
+        t = pq.read_table(p, filesystem=fs)
+    elif source.lower().endswith(".csv"):
+        with fs.open_input_stream(p) as f:
+            t = pacsv.read_csv(f)
+    else:
+        raise SourceError(f"{source} is a file but not a manifest (.csv or .parquet); pass a folder or a manifest")
+    if "path" not in t.column_names:
+        raise SourceError(f"manifest {source} needs a 'path' column (has: {', '.join(t.column_names)})")
+    base = posixpath.dirname(source) if storage.is_uri(source) else posixpath.dirname(p)
+    paths = [
+        x if (storage.is_uri(x) or x.startswith("/")) else storage.join(base, x) for x in t["path"].cast(pa.string()).to_pylist()
+    ]
+    ids = t["id"].cast(pa.string()).to_pylist() if "id" in t.column_names else t["path"].cast(pa.string()).to_pylist()
+    labels = t["label"].cast(pa.string()).to_pylist() if "label" in t.column_names else [None] * len(paths)
+    counts = pc.value_counts(pa.array(ids))
+    dup_ids = [c["values"].as_py() for c in counts if c["counts"].as_py() > 1]
+    if dup_ids:
+        raise SourceError(f"manifest {source} has duplicate ids, e.g. {dup_ids[:3]}; ids must be unique")
+    items = pa.table({"id": ids, "path": paths, "label": labels}, schema=ITEMS_SCHEMA)
+    return items, ERRORS_SCHEMA.empty_table()
+
+
+def split_items(items: pa.Table, test_fraction: float, seed: int) -> tuple[pa.Table, pa.Table]:
+    """Deterministic, stratified split by a hash of the id (stable when files are added)."""
+    import hashlib
+
+    def bucket(i: str) -> float:
+        return int.from_bytes(hashlib.sha1(f"{seed}:{i}".encode()).digest()[:8], "big") / 2**64
+
+    is_test = pa.array([bucket(i) < test_fraction for i in items["id"].to_pylist()])
+    return items.filter(pc.invert(is_test)), items.filter(is_test)
+
+
+def load_target(target: str, test_fraction: float, seed: int, exts=IMAGE_EXTS) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """(train, test, skipped) for a labelled target: a folder with train/ and test/, or one labelled source."""
+    if not target:
+        raise SourceError("no target dataset given (pass --target <labelled folder>)")
+    if storage.exists(storage.join(target, "train")) and storage.exists(storage.join(target, "test")):
+        train, s1 = list_items(storage.join(target, "train"), exts)
+        test, s2 = list_items(storage.join(target, "test"), exts)
+        skipped = pa.concat_tables([s1, s2])
+    else:
+        items, skipped = list_items(target, exts)
+        train, test = split_items(items, test_fraction, seed)
+    for name, t in (("train", train), ("test", test)):
+        if t["label"].null_count == t.num_rows:
+            raise SourceError(f"target {target} ({name}) has no labels: put files in one folder per class, or give a label column")
+        if t.num_rows == 0:
+            raise SourceError(f"target {target} has an empty {name} split")
+    return train, test, skipped

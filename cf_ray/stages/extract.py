@@ -1,0 +1,163 @@
+"""Extract: items -> decode (Ray Data tasks) -> backbone (actor pool) -> Parquet.
+
+One row per input: id, path, label, error ('' when fine) and one fixed-size float32 list column per
+feature tap (null where the input could not be decoded). The output folder is complete only when
+``_SUCCESS.json`` exists; a rerun over a complete output does nothing.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+import torch
+from ray.data.datasource import FilenameProvider
+
+from cf_ray import storage
+from cf_ray.config import ExtractConfig, ImageConfig
+from cf_ray.media.image import decode_images
+from cf_ray.rundir import log
+from cf_ray.runtime import want_gpu
+
+SUCCESS = "_SUCCESS.json"
+
+
+class _StableNames(FilenameProvider):
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"part-{task_index:05d}.parquet"
+
+
+def normalize(images: np.ndarray, mean, std, device: str = "cpu") -> torch.Tensor:
+    """(N,H,W,3) uint8 -> (N,3,H,W) float32, normalised."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float().div_(255)
+    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def feature_column(values: np.ndarray, ok: np.ndarray) -> pa.Array:
+    """(n_ok, d) features for the rows where ok -> a length-n fixed-size-list column, null elsewhere."""
+    n, d = len(ok), values.shape[1]
+    full = np.zeros((n, d), dtype=np.float32)
+    full[ok] = values
+    return pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), d, mask=pa.array(~ok))
+
+
+class Extractor:
+    """Ray Data callable class: loads the backbone once per actor."""
+
+    def __init__(self, model_uri: str, layers: list[str], mean, std, use_gpu: bool, threads: int):
+        from cf_ray.models.checkpoint import load_backbone
+
+        torch.set_num_threads(max(1, threads))
+        self.device = "cuda" if use_gpu else "cpu"
+        self.model, _ = load_backbone(model_uri)
+        self.model.eval().to(self.device)
+        if use_gpu:
+            self.model.to(memory_format=torch.channels_last)
+        self.layers, self.mean, self.std = layers, mean, std
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        ok = np.array([e == "" for e in batch["error"]], dtype=bool)
+        feats = {l: np.zeros((0, self.model.feature_info[l]), np.float32) for l in self.layers}
+        if ok.any():
+            x = normalize(batch["image"][ok], self.mean, self.std, self.device)
+            with torch.inference_mode(), torch.autocast(self.device, enabled=self.device == "cuda", dtype=torch.bfloat16):
+                out = self.model.forward_features(x, self.layers)
+            feats = {l: out[l].float().cpu().numpy() for l in self.layers}
+        cols = {
+            "id": pa.array(batch["id"].tolist(), pa.string()),
+            "path": pa.array(batch["path"].tolist(), pa.string()),
+            "label": pa.array([None if v is None else str(v) for v in batch["label"].tolist()], pa.string()),
+            "error": pa.array(batch["error"].tolist(), pa.string()),
+        }
+        for l in self.layers:
+            cols[f"feat_{l}"] = feature_column(feats[l], ok)
+        return pa.table(cols)
+
+
+def read_items(uri: str) -> pa.Table:
+    fs, p = storage.resolve(uri)
+    return pq.read_table(p, filesystem=fs)
+
+
+def write_items(table: pa.Table, uri: str) -> None:
+    fs, p = storage.resolve(uri)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(table, p, filesystem=fs)
+
+
+def items_dataset(items: pa.Table, block_rows: int) -> ray.data.Dataset:
+    """One block per ``block_rows`` items, so decode and inference parallelise over blocks."""
+    chunks = [items.slice(i, block_rows) for i in range(0, items.num_rows, block_rows)] or [items]
+    return ray.data.from_arrow(chunks)
+
+
+def run_extract(cfg: ExtractConfig, image: ImageConfig, items_uri: str, model_uri: str, out_uri: str) -> dict:
+    """Features of every item in ``items_uri`` with the backbone at ``model_uri`` into ``out_uri``."""
+    marker = storage.join(out_uri, SUCCESS)
+    if storage.exists(marker):
+        log(f"extract: {out_uri} is complete, nothing to do")
+        return storage.read_json(marker)
+    storage.delete_dir(out_uri)  # a partial output from an interrupted run is never taken as done
+    items = read_items(items_uri)
+    gpu = want_gpu(cfg.use_gpu)
+    log(f"extract: {items.num_rows} items, layers {cfg.layers}, {cfg.num_actors} actor(s) on {'GPU' if gpu else 'CPU'} -> {out_uri}")
+    t0 = time.time()
+    ds = items_dataset(items, cfg.block_rows).map_batches(
+        decode_images, fn_kwargs={"size": image.size, "resize": image.resize}, batch_size=cfg.batch_size, batch_format="numpy"
+    )
+    ds = ds.map_batches(
+        Extractor,
+        fn_constructor_kwargs={
+            "model_uri": storage.absolute(model_uri),
+            "layers": cfg.layers,
+            "mean": image.mean,
+            "std": image.std,
+            "use_gpu": gpu,
+            "threads": cfg.torch_threads or int(cfg.cpus_per_actor),
+        },
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        num_gpus=1 if gpu else 0,
+        num_cpus=cfg.cpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+    )
+    ds.set_name("extract")
+    ds.write_parquet(storage.absolute(out_uri), filename_provider=_StableNames(), mode="overwrite")
+    secs = time.time() - t0
+    fs, p = storage.resolve(out_uri)
+    meta = pq.read_table(p, filesystem=fs, columns=["id", "path", "error"])
+    bad = meta.filter(pc.not_equal(meta["error"], ""))
+    if meta.num_rows != items.num_rows:
+        raise RuntimeError(f"extract wrote {meta.num_rows} rows for {items.num_rows} items; refusing to mark it complete")
+    pq.write_table(bad, storage.join(p, "_errors.parquet"), filesystem=fs)
+    result = {
+        "rows": meta.num_rows,
+        "ok": meta.num_rows - bad.num_rows,
+        "skipped": bad.num_rows,
+        "seconds": round(secs, 2),
+        "items_per_s": round(meta.num_rows / secs, 1),
+        "layers": cfg.layers,
+    }
+    storage.write_json(marker, result)
+    log(f"extract: {result['ok']} ok, {result['skipped']} skipped, {result['items_per_s']} items/s")
+    return result
+
+
+def read_features(uri: str, layer: str, with_labels: bool = False):
+    """(ids, features float32 (n,d)[, labels]) of the rows that decoded fine."""
+    fs, p = storage.resolve(uri)
+    cols = ["id", "error", f"feat_{layer}"] + (["label"] if with_labels else [])
+    t = pq.read_table(p, filesystem=fs, columns=cols)
+    t = t.filter(pc.equal(t["error"], ""))
+    col = t[f"feat_{layer}"].combine_chunks()
+    d = col.type.list_size
+    feats = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32, copy=False)
+    ids = t["id"].to_pylist()
+    if with_labels:
+        return ids, feats, t["label"].to_pylist()
+    return ids, feats

@@ -1,0 +1,73 @@
+"""Paths and URIs (local, s3://, gs://...) through pyarrow.fs, so every stage reads and writes both."""
+from __future__ import annotations
+
+import json
+import posixpath
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    if is_uri(path):
+        return pafs.FileSystem.from_uri(path)
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    return pafs.LocalFileSystem(), str(Path(path).expanduser().absolute())
+
+
+def absolute(path: str) -> str:
+    """A path other processes (Ray workers change directory) can use."""
+    return path if is_uri(path) else resolve(path)[1]
+
+
+def join(base: str, *parts: str) -> str:
+    return posixpath.join(base, *parts) if is_uri(base) else str(Path(base, *parts))
+
+
+def exists(path: str) -> bool:
+    fs, p = resolve(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def makedirs(path: str) -> None:
+    fs, p = resolve(path)
+    fs.create_dir(p, recursive=True)
+
+
+def read_bytes(path: str) -> bytes:
+    fs, p = resolve(path)
+    with fs.open_input_stream(p) as f:
+        return f.read()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write whole-file; local writes go through a temporary name so a reader never sees half a file."""
+    fs, p = resolve(path)
+    fs.create_dir(posixpath.dirname(p), recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = p + ".tmp"
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, p)
+    else:  # object stores make a PUT visible atomically
+        with fs.open_output_stream(p) as f:
+            f.write(data)
+
+
+def read_json(path: str):
+    return json.loads(read_bytes(path))
+
+
+def write_json(path: str, obj) -> None:
+    write_bytes(path, json.dumps(obj, indent=2, default=str).encode())
+
+
+def delete_dir(path: str) -> None:
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type != pafs.FileType.NotFound:
+        fs.delete_dir(p)
