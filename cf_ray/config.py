@@ -85,7 +85,7 @@ class PretrainConfig(_Strict):
 class ExtractConfig(_Strict):
     """Ray Data feature extraction into Parquet."""
 
-    layers: list[str] = Field(["res4", "res5"], min_length=1, description="Feature taps, globally average-pooled.")
+    layers: list[str] = Field(["res3", "res4", "res5"], min_length=1, description="Feature taps, globally average-pooled.")
     batch_size: int = Field(256, gt=0)
     block_rows: int = Field(2048, gt=0, description="Rows per Ray Data block (and per output file).")
     num_actors: int = Field(1, gt=0, description="Actor pool size (one GPU each where the cluster has GPUs).")
@@ -103,8 +103,13 @@ class ClusterConfig(_Strict):
     seed: int = 1234
     l2_normalize: bool = True
     pca_dim: int | None = Field(None, gt=0, description="PCA-whiten to this many dims after L2 (VISSL order); none: off.")
-    max_points_per_centroid: int = Field(10_000_000, gt=0, description="faiss subsampling of the training set; large = use all rows.")
-    backend: Literal["faiss"] = "faiss"
+    max_points_per_centroid: int = Field(10_000_000, gt=0, description="faiss subsampling of the training set; large = use all rows (backend=faiss only; ray uses all rows).")
+    backend: Literal["faiss", "ray"] = Field("faiss", description="faiss: single process on the driver; ray: rows sharded over Ray actors (cf_ray.kmeans.distributed).")
+    num_actors: int = Field(2, gt=0, description="backend=ray: shard actors (at most one per feature file).")
+    cpus_per_actor: float = Field(1, gt=0, description="backend=ray: CPUs per actor (also its faiss threads).")
+    tol: float = Field(0.0, ge=0, description="backend=ray: stop when the objective changes by less than this fraction; 0: run niter.")
+    init: Literal["random", "kmeans++"] = Field("random", description="backend=ray: k seeded random rows, or k-means++ on a seeded sample of 20*k rows.")
+    spherical: bool = Field(False, description="backend=ray: inner-product assignment and unit-norm centroids (faiss spherical).")
 
 
 class ProbeConfig(_Strict):

@@ -1,8 +1,8 @@
 """The embedded demo dataset: real JPEG files made here, so the job runs with nothing downloaded.
 
-Six shape classes drawn over a sky/ground background with a random colour, size and position. The
-background has an up and a down, so rotation prediction (RotNet) is learnable, and the shape class is
-what a good representation should separate.
+Six upright shape classes (triangle, arrow, tee, house, tree, person) with a random colour, size and
+position over a random gradient. Only the shape tells which way is up, so rotation prediction (RotNet)
+must learn shape features, and the shape class is what a good representation should separate.
 """
 from __future__ import annotations
 
@@ -11,42 +11,44 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-SHAPES = ("circle", "square", "triangle", "cross", "ring", "arrow")
+SHAPES = ("triangle", "arrow", "tee", "house", "tree", "person")
 
 
 def _draw_shape(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, colour) -> None:
-    if shape == "circle":
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
-    elif shape == "square":
-        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=colour)
-    elif shape == "triangle":
+    """Every class has a canonical 'up', as photographed objects do, so rotation is predictable only from the shape."""
+    w = r / 3
+    if shape == "triangle":
         d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
-    elif shape == "cross":
-        w = r / 3
-        d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=colour)
-        d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=colour)
-    elif shape == "ring":
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=colour, width=max(2, int(r / 3)))
-    elif shape == "arrow":  # points up
-        w = r / 2.5
+    elif shape == "arrow":
         d.polygon([(cx, cy - r), (cx - r, cy), (cx - w, cy), (cx - w, cy + r), (cx + w, cy + r), (cx + w, cy), (cx + r, cy)], fill=colour)
+    elif shape == "tee":
+        d.rectangle([cx - r, cy - r, cx + r, cy - r + 2 * w], fill=colour)
+        d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=colour)
+    elif shape == "house":
+        d.polygon([(cx, cy - r), (cx - r, cy - r / 5), (cx + r, cy - r / 5)], fill=colour)
+        d.rectangle([cx - 0.7 * r, cy - r / 5, cx + 0.7 * r, cy + r], fill=colour)
+    elif shape == "tree":
+        d.polygon([(cx, cy - r), (cx - 0.8 * r, cy + r / 3), (cx + 0.8 * r, cy + r / 3)], fill=colour)
+        d.rectangle([cx - w / 1.5, cy + r / 3, cx + w / 1.5, cy + r], fill=colour)
+    elif shape == "person":
+        d.ellipse([cx - w * 1.2, cy - r, cx + w * 1.2, cy - r + 2.4 * w], fill=colour)
+        d.rectangle([cx - 0.6 * r, cy - r + 2.6 * w, cx + 0.6 * r, cy + r], fill=colour)
     else:
         raise ValueError(shape)
 
 
 def make_image(shape: str, size: int, rng: np.random.Generator) -> Image.Image:
     s = 4 * size  # draw large, downsample: anti-aliased edges like a photo
-    yy = np.linspace(0, 1, s)[:, None, None]
-    sky = rng.uniform(150, 255, 3)
-    ground = rng.uniform(20, 110, 3)
-    horizon = rng.uniform(0.55, 0.8)
-    bg = np.where(yy < horizon, sky * (0.8 + 0.2 * yy), ground) * np.ones((1, s, 1))
-    bg += rng.normal(0, 8, (s, s, 3))
+    # A linear gradient in a random direction: texture without a global 'up' cue.
+    angle = rng.uniform(0, 2 * np.pi)
+    yy, xx = np.mgrid[0:1:s * 1j, 0:1:s * 1j]
+    ramp = (np.cos(angle) * xx + np.sin(angle) * yy)[..., None]
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    bg = c0 + (c1 - c0) * (ramp - ramp.min()) / (np.ptp(ramp) + 1e-9) + rng.normal(0, 10, (s, s, 3))
     img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), "RGB")
     d = ImageDraw.Draw(img)
-    r = rng.uniform(0.2, 0.32) * s
-    cx = rng.uniform(r + 2, s - r - 2)
-    cy = rng.uniform(r + 2, s * horizon)
+    r = rng.uniform(0.22, 0.36) * s
+    cx, cy = rng.uniform(r + 2, s - r - 2, 2)
     colour = tuple(int(c) for c in rng.integers(0, 256, 3))
     _draw_shape(d, shape, cx, cy, r, colour)
     return img.resize((size, size), Image.LANCZOS)

@@ -47,6 +47,13 @@ class RunDir:
     def is_done(self, name: str) -> bool:
         return self.manifest()["stages"].get(name, {}).get("status") == "done"
 
+    def invalidate(self, names: list[str]) -> None:
+        """Forget these stages, so the next run redoes them."""
+        m = self.manifest()
+        for n in names:
+            m["stages"].pop(n, None)
+        storage.write_json(self.manifest_path, m)
+
     def stage(self, name: str, fn: Callable[[], dict | None], force: bool = False) -> dict:
         """Run ``fn`` unless the stage is already done; returns its recorded outputs/metrics."""
         if self.is_done(name) and not force:

@@ -46,10 +46,13 @@ def import_checkpoint(state_dict_path: str, cfg: ModelConfig, uri: str) -> None:
     model = build(cfg)
     sd = load_state_dict(state_dict_path)
     sd = {k: v for k, v in sd.items() if not k.startswith(("fc.", "head.", "heads."))}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
+    shape_errors = [k for k, v in model.state_dict().items() if k in sd and sd[k].shape != v.shape]
+    missing = [k for k in model.state_dict() if k not in sd]
+    unexpected = [k for k in sd if k not in model.state_dict()]
+    if missing or unexpected or shape_errors:
         raise ValueError(
             f"checkpoint {state_dict_path} does not match backbone {cfg.arch} (width={cfg.width}, stem={cfg.stem}): "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {shape_errors[:5]}"
         )
+    model.load_state_dict(sd)
     save_backbone(model, cfg, uri)

@@ -1,0 +1,94 @@
+"""`cf-ray <stage>`: run the whole image job or any one stage of it inside a run directory."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cf_ray.config import ConfigError, ImageJobConfig, load_config
+from cf_ray.sources import SourceError
+
+STAGES = ("all", "pretrain", "extract", "cluster", "retrain", "transfer", "report")
+
+
+def parser(prog: str = "cf-ray", with_stage: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="ClusterFit on Ray (images).")
+    if with_stage:
+        p.add_argument("stage", choices=STAGES, help="'all' runs every stage not yet done; a stage name redoes that stage "
+                   "(and forgets later ones, so the next 'all' recomputes them)")
+    p.add_argument("--config", help="YAML file overriding the defaults (see docs/config.md)")
+    p.add_argument("--data", help="images to pre-train and cluster on: folder or manifest (.csv/.parquet), path or URI")
+    p.add_argument("--target", help="labelled target for transfer: folder with train/ and test/, or one labelled folder")
+    p.add_argument("--run-dir", help="where outputs go (path or URI)")
+    p.add_argument("--demo", action="store_true", help="generate the demo dataset and run on it with configs/image_demo.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. cluster.k=500 retrain.epochs=30")
+    return p
+
+
+def resolve_config(args: argparse.Namespace) -> ImageJobConfig:
+    from pathlib import Path
+
+    overrides = list(args.overrides)
+    config = args.config
+    if args.demo:
+        from cf_ray.demo import make_demo_splits
+
+        root = Path(__file__).resolve().parent.parent
+        config = config or str(root / "configs" / "image_demo.yaml")
+        data, target = make_demo_splits(Path("data") / "demo_images", n_unlabelled=300, n_train=100, n_test=100)
+        overrides = [f"data={data}", f"target={target}"] + overrides
+    for key in ("data", "target", "run_dir"):
+        if getattr(args, key, None):
+            overrides.append(f"{key}={getattr(args, key)}")
+    return load_config(ImageJobConfig, config, overrides)
+
+
+def run_stage(stage: str, cfg: ImageJobConfig) -> dict:
+    from cf_ray import pipeline as pl
+    from cf_ray.rundir import RunDir
+    from cf_ray.runtime import init_ray
+    from cf_ray.stages.report import run_report
+
+    if stage == "all":
+        return pl.run_image_job(cfg)
+    run = RunDir(cfg.run_dir)
+    paths = pl.Paths(run)
+    if stage == "report":
+        return run.stage("report", lambda: run_report(run.root, "ClusterFit (images)"), force=True)
+    if not run.is_done("items"):
+        inputs = pl.check_inputs(cfg)
+        run.stage("items", lambda: pl.stage_items(run, paths, inputs))
+    init_ray(cfg.ray.num_cpus, cfg.ray.object_store_mb)
+    first = {"pretrain": "pretrain", "extract": "extract_source", "cluster": "cluster", "retrain": "retrain",
+             "transfer": "extract_random_target_train"}[stage]
+    pl.redo_from(run, paths, first)
+    if stage == "pretrain":
+        return run.stage("pretrain", lambda: pl.stage_pretrain(cfg, run, paths))
+    if stage == "extract":
+        return run.stage("extract_source", lambda: pl.stage_extract(cfg, run, paths, "pretrained", "source"))
+    if stage == "cluster":
+        return run.stage("cluster", lambda: pl.stage_cluster(cfg, paths))
+    if stage == "retrain":
+        return run.stage("retrain", lambda: pl.stage_retrain(cfg, run, paths))
+    if stage == "transfer":
+        for m in pl.MODELS:
+            for d in ("target_train", "target_test"):
+                run.stage(f"extract_{m}_{d}", lambda m=m, d=d: pl.stage_extract(cfg, run, paths, m, d))
+        return run.stage("transfer", lambda: pl.stage_transfer(cfg, paths))
+    raise ValueError(stage)
+
+
+def main(argv: list[str] | None = None, prog: str = "cf-ray", stage: str | None = None) -> int:
+    args = parser(prog, with_stage=stage is None).parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+        result = run_stage(stage or args.stage, cfg)
+    except (ConfigError, SourceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if isinstance(result, dict) and "report" in result:
+        print(f"run directory: {cfg.run_dir}\nreport: {result['report']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

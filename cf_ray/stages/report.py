@@ -1,0 +1,129 @@
+"""Report: metrics.json + report.md with plots, from what the other stages left in the run directory."""
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cf_ray import storage  # noqa: E402
+from cf_ray.rundir import RunDir  # noqa: E402
+
+
+def _save(fig, path: str) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    storage.write_bytes(path, buf.getvalue())
+
+
+def plot_cluster_sizes(sizes: list[int], path: str) -> None:
+    s = np.sort(np.asarray(sizes))[::-1]
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.bar(np.arange(len(s)), s, width=1.0, color="#4878d0")
+    ax.set_xlabel("cluster (sorted by size)")
+    ax.set_ylabel("items")
+    ax.set_title(f"Cluster sizes (K={len(s)}, empty={int((s == 0).sum())})")
+    _save(fig, path)
+
+
+def plot_transfer(transfer: dict, path: str) -> None:
+    models = list(transfer)
+    layers = list(next(iter(transfer.values())))
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    w = 0.8 / len(models)
+    for i, m in enumerate(models):
+        vals = [100 * transfer[m][l]["top1"] for l in layers]
+        bars = ax.bar(np.arange(len(layers)) + i * w - 0.4 + w / 2, vals, w, label=m)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(np.arange(len(layers)), layers)
+    ax.set_ylabel("linear probe top-1 (%)")
+    ax.set_title("Transfer: linear probes on frozen features")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_training(histories: dict[str, list[dict]], path: str) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    for name, h in histories.items():
+        ep = [r["epoch"] for r in h]
+        axes[0].plot(ep, [r["loss"] for r in h], marker="o", label=name)
+        axes[1].plot(ep, [100 * r["acc"] for r in h], marker="o", label=name)
+    axes[0].set(xlabel="epoch", ylabel="loss", title="Training loss")
+    axes[1].set(xlabel="epoch", ylabel="train accuracy (%)", title="Training accuracy (own targets)")
+    axes[0].legend(fontsize=8)
+    _save(fig, path)
+
+
+def _table(transfer: dict) -> list[str]:
+    models = list(transfer)
+    layers = list(next(iter(transfer.values())))
+    lines = ["| layer | " + " | ".join(models) + " | ClusterFit - pre-trained |", "|---" * (len(models) + 2) + "|"]
+    for l in layers:
+        row = [f"{100 * transfer[m][l]['top1']:.1f}" for m in models]
+        delta = ""
+        if "pretrained" in transfer and "clusterfit" in transfer:
+            delta = f"{100 * (transfer['clusterfit'][l]['top1'] - transfer['pretrained'][l]['top1']):+.1f}"
+        lines.append(f"| {l} | " + " | ".join(row) + f" | {delta} |")
+    return lines
+
+
+def run_report(run_dir: str, title: str = "ClusterFit run") -> dict:
+    run = RunDir(run_dir)
+    manifest = run.manifest()
+    results = {name: st.get("result", {}) for name, st in manifest["stages"].items()}
+    metrics = {"stages": {n: {"status": s.get("status"), "seconds": s.get("seconds")} for n, s in manifest["stages"].items()}}
+    lines = [f"# {title}", "", f"Run directory: `{run.root}`", ""]
+
+    transfer = results.get("transfer", {}).get("transfer")
+    if transfer:
+        metrics["transfer"] = {m: {l: v["top1"] for l, v in t.items()} for m, t in transfer.items()}
+        plot_transfer(transfer, run.path("plots", "transfer.png"))
+        lines += ["## Transfer (headline)", "", "Linear-probe top-1 (%) on the target's test split, frozen features:", ""]
+        lines += _table(transfer) + ["", "![transfer](plots/transfer.png)", ""]
+
+    stats_path = run.path("cluster", "stats.json")
+    if storage.exists(stats_path):
+        stats = storage.read_json(stats_path)
+        metrics["cluster"] = {k: stats.get(k) for k in ("n", "d", "k", "objective", "imbalance", "empty", "min_size", "max_size")}
+        if "nmi" in results.get("cluster", {}):
+            metrics["cluster"]["nmi"] = results["cluster"]["nmi"]
+        plot_cluster_sizes(stats["sizes"], run.path("plots", "cluster_sizes.png"))
+        lines += ["## Clusters", "", f"K={stats['k']} on `{stats.get('layer')}` features of {stats['n']} items (d={stats['d']}): "
+                  f"objective {stats['objective']:.4g}, imbalance factor {stats['imbalance']:.3f} (1 = balanced), "
+                  f"sizes {stats['min_size']}..{stats['max_size']}, empty {stats['empty']}."
+                  + (f" NMI against the source's own labels: {metrics['cluster']['nmi']:.3f}." if "nmi" in metrics["cluster"] else ""),
+                  "", "![cluster sizes](plots/cluster_sizes.png)", ""]
+
+    histories = {n: results[n]["history"] for n in ("pretrain", "retrain") if results.get(n, {}).get("history")}
+    if histories:
+        metrics["training"] = {n: h[-1] for n, h in histories.items()}
+        plot_training(histories, run.path("plots", "training.png"))
+        lines += ["## Training", "", "pretrain = the pre-trained network (RotNet unless a checkpoint was given); "
+                  "retrain = the ClusterFit network on the cluster ids.", "", "![training](plots/training.png)", ""]
+        for n, h in histories.items():
+            last = h[-1]
+            lines.append(f"- {n}: {len(h)} epochs, final loss {last['loss']:.3f}, accuracy {100 * last['acc']:.1f}%, "
+                         f"{last['images_per_s']:.0f} img/s")
+        lines.append("")
+
+    errors = run.errors()
+    metrics["skipped_inputs"] = errors.num_rows
+    lines += ["## Skipped inputs", ""]
+    if errors.num_rows:
+        lines += [f"{errors.num_rows} inputs were skipped; all are listed with their reason in `errors.parquet`. First ones:", "",
+                  "| dataset | path | reason |", "|---|---|---|"]
+        for r in errors.slice(0, 20).to_pylist():
+            lines.append(f"| {r.get('dataset', '')} | {r['path']} | {r['error'][:120]} |")
+    else:
+        lines.append("None: every input was decoded.")
+    lines += ["", "## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
+    for n, s in manifest["stages"].items():
+        lines.append(f"| {n} | {s.get('status')} | {s.get('seconds', '')} |")
+    lines += ["", "Resolved configuration: `config.yaml`. Machine-readable results: `metrics.json`.", ""]
+    storage.write_json(run.path("metrics.json"), metrics)
+    storage.write_bytes(run.path("report.md"), "\n".join(lines).encode())
+    return {"report": run.path("report.md"), "metrics": run.path("metrics.json")}

@@ -1,0 +1,225 @@
+"""Training a backbone + linear head with Ray Train: RotNet pre-training and ClusterFit retraining.
+
+Both are image classification over (image, target): RotNet's targets are the rotation of each image
+(every image is seen at 0/90/180/270 degrees), ClusterFit's are the cluster ids. The loop is plain,
+single-device PyTorch; Ray Train adds the workers, DDP, checkpoints and restarts.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+from torch import nn
+
+from cf_ray import storage
+from cf_ray.config import ImageConfig, TrainConfig
+from cf_ray.media.image import decode_images
+from cf_ray.rundir import log
+from cf_ray.runtime import want_gpu
+
+STATE = "state.pt"
+HISTORY = "history.json"
+
+
+class Classifier(nn.Module):
+    def __init__(self, backbone: nn.Module, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.num_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop with reflection padding and horizontal flip, per sample; x is (N,3,H,W)."""
+    n, _, h, w = x.shape
+    xp = nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    out = torch.stack([xp[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    flip = torch.rand(n, generator=gen) < 0.5
+    out[flip] = out[flip].flip(3)
+    return out
+
+
+def rotate4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RotNet input: each image at 0, 90, 180, 270 degrees, with targets 0..3."""
+    xs = torch.cat([torch.rot90(x, k, dims=(2, 3)) for k in range(4)])
+    ys = torch.arange(4).repeat_interleave(len(x))
+    return xs, ys
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch as rtt
+
+    from cf_ray.models.checkpoint import build
+    from cf_ray.stages.extract import normalize
+
+    cfg = TrainConfig.model_validate(config["train"])
+    image = ImageConfig.model_validate(config["image"])
+    task, num_classes, class_weights = config["task"], config["num_classes"], config.get("class_weights")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, config.get("threads") or int(cfg.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank; DDP also broadcasts them
+    model = rtt.prepare_model(Classifier(build(cfg.model), num_classes))
+    device = rtt.get_device()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+
+    per_image = 4 if task == "rotation" else 1
+    global_batch = cfg.batch_size * world * per_image
+    peak_lr = cfg.lr * global_batch / 256
+    params_bn = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    params_w = [p for n, p in model.named_parameters() if p.ndim > 1]
+    opt = torch.optim.SGD(
+        [{"params": params_w, "weight_decay": cfg.weight_decay}, {"params": params_bn, "weight_decay": 0.0}],
+        lr=peak_lr, momentum=cfg.momentum, nesterov=True,
+    )
+    weight = torch.tensor(class_weights, dtype=torch.float32, device=device) if class_weights else None
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+
+    start_epoch, history = 0, []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE), map_location=device, weights_only=True)
+            history = json.load(open(os.path.join(d, HISTORY)))
+        model.load_state_dict(state["model"]) if world == 1 else model.module.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start_epoch = state["epoch"] + 1
+        if rank == 0:
+            print(f"[cf_ray] resuming {config['name']} from epoch {start_epoch}", flush=True)
+
+    shard = ray.train.get_dataset_shard("train")
+    steps_per_epoch = max(1, math.ceil(config["rows"] / (cfg.batch_size * world)))
+    total_steps, warmup_steps = steps_per_epoch * cfg.epochs, steps_per_epoch * cfg.warmup_epochs
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    for epoch in range(start_epoch, cfg.epochs):
+        gen.manual_seed(cfg.seed * 100003 + epoch * 1009 + rank)
+        model.train()
+        t0, seen, loss_sum, correct, n_out = time.time(), 0, 0.0, 0, 0
+        step = epoch * steps_per_epoch
+        for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.batch_size * 4,
+                                              local_shuffle_seed=cfg.seed + epoch, drop_last=False):
+            x = normalize(batch["image"].numpy(), image.mean, image.std)
+            x = augment(x, gen)
+            y = batch["target"].long()
+            if task == "rotation":
+                x, y = rotate4(x)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(min(step, total_steps - 1), total_steps, warmup_steps, peak_lr)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(x)
+                loss = loss_fn(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            seen += len(batch["target"])
+            loss_sum += loss.detach().item() * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            n_out += len(y)
+        secs = time.time() - t0
+        metrics = {
+            "epoch": epoch + 1,
+            "loss": loss_sum / max(1, n_out),
+            "acc": correct / max(1, n_out),
+            "images_per_s": seen * world / max(secs, 1e-9),
+            "lr": opt.param_groups[0]["lr"],
+            "seconds": secs,
+        }
+        history.append(metrics)
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                inner = model.module if hasattr(model, "module") else model
+                torch.save({"model": inner.state_dict(), "opt": opt.state_dict(), "epoch": epoch}, os.path.join(d, STATE))
+                json.dump(history, open(os.path.join(d, HISTORY), "w"))
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+                print(
+                    f"[cf_ray] {config['name']} epoch {epoch + 1}/{cfg.epochs}: loss {metrics['loss']:.4f} "
+                    f"acc {metrics['acc']:.3f} {metrics['images_per_s']:.0f} img/s",
+                    flush=True,
+                )
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def image_dataset(items: pa.Table, image: ImageConfig, seed: int, block_rows: int = 2048) -> tuple[ray.data.Dataset, pa.Table]:
+    """Decoded training images (materialised once) and the table of rows that failed to decode."""
+    from cf_ray.stages.extract import items_dataset
+
+    order = np.random.default_rng(seed).permutation(items.num_rows)  # avoid class-sorted blocks
+    ds = items_dataset(items.take(order), block_rows).map_batches(
+        decode_images, fn_kwargs={"size": image.size, "resize": image.resize}, batch_format="numpy"
+    ).materialize()
+    bad = ds.filter(expr="error != ''").select_columns(["id", "path", "error"]).to_arrow_refs()
+    bad = pa.concat_tables([ray.get(r) for r in bad]) if bad else pa.table({"id": [], "path": [], "error": []})
+    good = ds.filter(expr="error == ''").select_columns(["image", "target"]).materialize()
+    return good, bad
+
+
+def train_classifier(
+    cfg: TrainConfig, image: ImageConfig, items: pa.Table, task: str, num_classes: int,
+    storage_path: str, name: str, model_uri: str, class_weights: list[float] | None = None, threads: int = 0,
+) -> dict:
+    """Train on ``items`` (id, path, target) and save the backbone to ``model_uri``; returns history."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cf_ray.models.checkpoint import build, save_backbone
+
+    ds, bad = image_dataset(items, image, cfg.seed)
+    rows = ds.count()
+    if rows == 0:
+        raise ValueError(f"{name}: none of the {items.num_rows} training images could be decoded")
+    gpu = want_gpu(cfg.use_gpu)
+    log(f"{name}: {rows} images ({bad.num_rows} undecodable), task={task}, {num_classes} classes, "
+        f"{cfg.num_workers} worker(s) on {'GPU' if gpu else 'CPU'}, {cfg.epochs} epochs")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "train": cfg.model_dump(mode="json"), "image": image.model_dump(mode="json"), "task": task,
+            "num_classes": num_classes, "class_weights": class_weights, "rows": rows, "name": name, "threads": threads,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=gpu, resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpu else {})}
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage.absolute(storage_path),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+        datasets={"train": ds},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{name}: training reported no checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=True)
+        history = json.load(open(os.path.join(d, HISTORY)))
+    model = Classifier(build(cfg.model), num_classes)
+    model.load_state_dict(state["model"])
+    save_backbone(model.backbone, cfg.model, model_uri)
+    return {"history": history, "rows": rows, "undecodable": bad}
+

@@ -1,0 +1,46 @@
+from pathlib import Path
+
+import pytest
+
+from cf_ray.config import ConfigError, ImageJobConfig, load_config
+
+
+def test_defaults_are_valid():
+    cfg = load_config(ImageJobConfig)
+    assert cfg.cluster.k > 0 and cfg.cluster.layer in cfg.extract.layers
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(ImageJobConfig, None, ["cluster.k=7", "retrain.model.width=8", "extract.layers=[res4, res5]", "probe.layers=[res5]"])
+    assert cfg.cluster.k == 7 and cfg.retrain.model.width == 8 and cfg.extract.layers == ["res4", "res5"]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("cluster.kk=3", "cluster.kk"), ("foo=1", "foo"), ("cluster.k=abc", "cluster.k"), ("cluster.k=0", "cluster.k"),
+     ("retrain.model.arch=nosuchnet", "retrain.model.arch"), ("pretrain.source=checkpoint", "pretrain")],
+)
+def test_bad_keys_and_types_are_named(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(ImageJobConfig, None, [override])
+    assert key in str(e.value)
+
+
+def test_layers_used_must_be_extracted():
+    with pytest.raises(ConfigError, match="res2"):
+        load_config(ImageJobConfig, None, ["cluster.layer=res2"])
+
+
+def test_override_without_equals_is_rejected():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(ImageJobConfig, None, ["cluster.k"])
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(ImageJobConfig, "no/such.yaml")
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/image*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_image_config_loads(path):
+    load_config(ImageJobConfig, path)

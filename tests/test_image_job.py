@@ -1,0 +1,79 @@
+"""The whole image job end to end on tiny generated data, on the session's real local Ray."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from cf_ray.config import ConfigError, ImageJobConfig, load_config
+from cf_ray.demo import make_demo_splits
+from cf_ray.pipeline import run_image_job
+from cf_ray.sources import SourceError
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = [
+    "image.size=16", "pretrain.train.model.width=4", "retrain.model.width=4", "pretrain.train.epochs=1",
+    "retrain.epochs=1", "pretrain.train.batch_size=32", "retrain.batch_size=32", "extract.block_rows=64",
+    "cluster.k=6", "cluster.niter=5", "probe.epochs=20", "probe.weight_decays=[0.001]",
+]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("job")
+    data, target = make_demo_splits(root / "data", n_unlabelled=10, n_train=5, n_test=4, size=16)
+    (data / "triangle" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (data / "notes.txt").write_text("not an image")
+    return root, data, target
+
+
+def test_image_job_end_to_end_and_resume(ray_session, demo):
+    root, data, target = demo
+    cfg = load_config(ImageJobConfig, None, TINY + [f"data={data}", f"target={target}", f"run_dir={root / 'run'}"])
+    out = run_image_job(cfg)
+    run = Path(out["run_dir"])
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert all(s["status"] == "done" for s in manifest["stages"].values())
+    assert set(out["transfer"]) == {"random", "pretrained", "clusterfit"}
+    for m in out["transfer"].values():
+        assert set(m) == {"res3", "res4", "res5"} and all(0 <= v["top1"] <= 1 for v in m.values())
+
+    a = pq.read_table(run / "cluster" / "assignments.parquet")
+    assert a.num_rows == 60 and set(a["cluster"].to_pylist()) <= set(range(6))  # 61 files, 1 undecodable
+    errors = pq.read_table(run / "errors.parquet").to_pylist()
+    reasons = {Path(e["path"]).name: e["error"] for e in errors}
+    assert "cannot decode" in reasons["broken.jpg"] and "unsupported" in reasons["notes.txt"]
+    assert len([e for e in errors if e["path"].endswith("broken.jpg")]) == 1  # seen by pretrain and extract, kept once
+
+    report = (run / "report.md").read_text()
+    assert "ClusterFit - pre-trained" in report and "broken.jpg" in report
+    for plot in ("transfer.png", "cluster_sizes.png", "training.png"):
+        assert (run / "plots" / plot).stat().st_size > 1000
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["skipped_inputs"] == 2 and "nmi" in metrics["cluster"]
+    assert (run / "models" / "clusterfit" / "backbone.pt").exists()
+    assert load_config(ImageJobConfig, run / "config.yaml") == cfg
+
+    # A rerun resumes: every done stage is skipped, outputs are untouched.
+    mtime = (run / "cluster" / "assignments.parquet").stat().st_mtime
+    run_image_job(cfg)
+    assert (run / "cluster" / "assignments.parquet").stat().st_mtime == mtime
+    assert json.loads((run / "manifest.json").read_text())["stages"]["retrain"] == manifest["stages"]["retrain"]
+
+
+def test_bad_inputs_fail_before_ray_work(demo, tmp_path):
+    _, data, target = demo
+    with pytest.raises(ConfigError, match="cluster.k=500"):
+        run_image_job(load_config(ImageJobConfig, None, TINY + [f"data={data}", f"target={target}", "cluster.k=500",
+                                                                  f"run_dir={tmp_path / 'r1'}"]))
+    with pytest.raises(SourceError, match="does not exist"):
+        run_image_job(load_config(ImageJobConfig, None, [f"data={tmp_path / 'nope'}", f"target={target}"]))
+    assert not (tmp_path / "r1").exists()
+
+
+def test_job_script_reports_config_errors_clearly(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "clusterfit_image.py"), "--data", str(tmp_path), "cluster.kk=3"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and "cluster.kk: unknown key" in r.stderr
