@@ -44,3 +44,10 @@ def test_missing_config_file():
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/image*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_image_config_loads(path):
     load_config(ImageJobConfig, path)
+
+
+def test_config_reference_is_current():
+    from cf_ray.config_doc import render
+
+    doc = Path(__file__).parent.parent / "docs" / "config.md"
+    assert doc.read_text() == render(), "docs/config.md is stale: run python -m cf_ray.config_doc > docs/config.md"

@@ -1,0 +1,52 @@
+"""Generate docs/config.md from the config models, so the reference cannot drift from the code.
+
+    python -m cf_ray.config_doc > docs/config.md
+"""
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from cf_ray.config import ImageJobConfig
+
+
+def _type_name(ann) -> str:
+    import typing
+
+    if typing.get_origin(ann) is typing.Literal:
+        return " / ".join(repr(a) for a in typing.get_args(ann))
+    name = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
+    return name.replace(" | ", " or ").replace("|", " or ")
+
+
+def _rows(model: type[BaseModel], prefix: str = "") -> list[str]:
+    rows = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        key = f"{prefix}{name}"
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += _rows(ann, key + ".")
+            continue
+        default = field.default_factory() if field.default_factory else field.default
+        typ = _type_name(ann)
+        rows.append(f"| `{key}` | {typ} | `{default!r}` | {field.description or ''} |")
+    return rows
+
+
+def render() -> str:
+    lines = [
+        "# Configuration reference (images)",
+        "",
+        "Generated from `cf_ray/config.py` by `python -m cf_ray.config_doc`; a test fails if this file is stale.",
+        "Set values in a YAML file (`--config`) or as dotted overrides (`cluster.k=500`). Unknown keys and wrong",
+        "types are rejected, naming the key, before any work starts.",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+        *_rows(ImageJobConfig),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(render(), end="")
