@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cf_ray.config import ConfigError, ImageJobConfig, load_config
+from cf_ray.config import ConfigError, JobConfig, load_config
 from cf_ray.sources import SourceError
 
 STAGES = ("all", "pretrain", "extract", "cluster", "retrain", "transfer", "report")
@@ -24,7 +24,7 @@ def parser(prog: str = "cf-ray", with_stage: bool = True) -> argparse.ArgumentPa
     return p
 
 
-def resolve_config(args: argparse.Namespace) -> ImageJobConfig:
+def resolve_config(args: argparse.Namespace) -> JobConfig:
     from pathlib import Path
 
     overrides = list(args.overrides)
@@ -39,21 +39,21 @@ def resolve_config(args: argparse.Namespace) -> ImageJobConfig:
     for key in ("data", "target", "run_dir"):
         if getattr(args, key, None):
             overrides.append(f"{key}={getattr(args, key)}")
-    return load_config(ImageJobConfig, config, overrides)
+    return load_config(JobConfig, config, overrides)
 
 
-def run_stage(stage: str, cfg: ImageJobConfig) -> dict:
+def run_stage(stage: str, cfg: JobConfig) -> dict:
     from cf_ray import pipeline as pl
     from cf_ray.rundir import RunDir
     from cf_ray.runtime import init_ray
     from cf_ray.stages.report import run_report
 
     if stage == "all":
-        return pl.run_image_job(cfg)
+        return pl.run_job(cfg)
     run = RunDir(cfg.run_dir)
     paths = pl.Paths(run)
     if stage == "report":
-        return run.stage("report", lambda: run_report(run.root, "ClusterFit (images)"), force=True)
+        return run.stage("report", lambda: run_report(run.root, pl.report_title(cfg)), force=True)
     if not run.is_done("items"):
         inputs = pl.check_inputs(cfg)
         run.stage("items", lambda: pl.stage_items(run, paths, inputs))

@@ -29,6 +29,20 @@ class ImageConfig(_Strict):
     std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="Per-channel std for normalisation.")
 
 
+class VideoConfig(_Strict):
+    """How a video file becomes clips: N clips of T frames every `stride` frames, short side resized, centre crop."""
+
+    size: int = Field(112, gt=0, description="Side of the square crop (pixels); the paper uses 112.")
+    resize: int | None = Field(None, gt=0, description="Short side before the crop; default: size.")
+    clip_len: int = Field(16, gt=0, description="Frames per clip (T).")
+    stride: int = Field(2, gt=0, description="Take every stride-th frame of the video's frame grid.")
+    num_clips: int = Field(4, gt=0, description="Uniformly spaced clips per video for extraction; the video feature is their mean.")
+    short: Literal["loop", "pad"] = Field("loop", description="Videos shorter than a clip: loop them or repeat the last frame.")
+    timeout_s: float = Field(60.0, gt=0, description="A decode that takes longer is abandoned and the video recorded as skipped.")
+    mean: tuple[float, float, float] = Field((0.43216, 0.394666, 0.37645), description="Kinetics mean.")
+    std: tuple[float, float, float] = Field((0.22803, 0.22145, 0.216989), description="Kinetics std.")
+
+
 class ModelConfig(_Strict):
     """A backbone from the registry (see `cf_ray.models.list_backbones()`)."""
 
@@ -130,14 +144,16 @@ class RayConfig(_Strict):
     object_store_mb: int = Field(1024, gt=50)
 
 
-class ImageJobConfig(_Strict):
-    """The whole image ClusterFit job."""
+class JobConfig(_Strict):
+    """The whole ClusterFit job, for images or video."""
 
+    modality: Literal["image", "video"] = Field("image", description="video: inputs are video files and backbones default to r2plus1d_tiny.")
     run_dir: str = Field("runs/image", description="Path or URI of the run directory.")
     data: str = Field("", description="Images to pre-train and cluster on (folder or manifest); labels, if any, are ignored.")
     target: str = Field("", description="Labelled target for transfer: a folder with train/ and test/, or one labelled folder/manifest (split deterministically).")
     seed: int = 0
     image: ImageConfig = Field(default_factory=ImageConfig)
+    video: VideoConfig = Field(default_factory=VideoConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
@@ -145,8 +161,35 @@ class ImageJobConfig(_Strict):
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _video_model_defaults(cls, data):
+        """For video, backbones not named explicitly default to the CPU-sized R(2+1)D."""
+        if isinstance(data, dict) and data.get("modality") == "video":
+            for path in (("pretrain", "train", "model"), ("retrain", "model")):
+                node = data
+                for k in path:
+                    node = node.setdefault(k, {}) if isinstance(node, dict) else {}
+                if isinstance(node, dict):
+                    node.setdefault("arch", "r2plus1d_tiny")
+        return data
+
+    @property
+    def media(self) -> "ImageConfig | VideoConfig":
+        return self.video if self.modality == "video" else self.image
+
     @model_validator(mode="after")
-    def _layers_extracted(self) -> "ImageJobConfig":
+    def _models_match_modality(self) -> "JobConfig":
+        from cf_ray.models import create_backbone
+
+        for key, m in (("pretrain.train.model", self.pretrain.train.model), ("retrain.model", self.retrain.model)):
+            kind = create_backbone(m.arch, width=1, stem=m.stem).modality
+            if kind != self.modality:
+                raise ValueError(f"{key}.arch={m.arch} is a {kind} backbone but modality={self.modality}")
+        return self
+
+    @model_validator(mode="after")
+    def _layers_extracted(self) -> "JobConfig":
         missing = [l for l in [self.cluster.layer, *self.probe.layers] if l not in self.extract.layers]
         if missing:
             raise ValueError(f"layers {missing} are used by cluster/probe but not in extract.layers={self.extract.layers}")

@@ -1,4 +1,4 @@
-"""The image ClusterFit job: source -> pretrain -> extract -> k-means -> retrain -> transfer -> report.
+"""The ClusterFit job (images or video): source -> pretrain -> extract -> k-means -> retrain -> transfer -> report.
 
 Each step is a stage of the run directory: done stages are skipped on a rerun, so a killed job resumes.
 All input checks happen before Ray starts.
@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cf_ray import storage
-from cf_ray.config import ConfigError, ImageJobConfig, dump_config
+from cf_ray.config import ConfigError, JobConfig, dump_config
 from cf_ray.rundir import RunDir, log
-from cf_ray.sources import list_items, load_target
+from cf_ray.sources import IMAGE_EXTS, VIDEO_EXTS, list_items, load_target
 from cf_ray.stages.cluster import read_assignments, run_cluster
 from cf_ray.stages.extract import read_items, run_extract, write_items
 from cf_ray.stages.probe import run_probe
@@ -75,14 +75,15 @@ def redo_from(run: RunDir, paths: Paths, name: str) -> None:
     run.invalidate(later)
 
 
-def check_inputs(cfg: ImageJobConfig) -> dict[str, tuple[pa.Table, pa.Table]]:
+def check_inputs(cfg: JobConfig) -> dict[str, tuple[pa.Table, pa.Table]]:
     """List every input and check it can be run, before any Ray work: (items, skipped) per dataset."""
-    source, skipped = list_items(cfg.data)
-    train, test, skipped_t = load_target(cfg.target, cfg.probe.test_fraction, cfg.seed)
+    exts = VIDEO_EXTS if cfg.modality == "video" else IMAGE_EXTS
+    source, skipped = list_items(cfg.data, exts)
+    train, test, skipped_t = load_target(cfg.target, cfg.probe.test_fraction, cfg.seed, exts)
     if cfg.cluster.k > source.num_rows:
-        raise ConfigError(f"cluster.k={cfg.cluster.k} is larger than the {source.num_rows} images in {cfg.data}; "
+        raise ConfigError(f"cluster.k={cfg.cluster.k} is larger than the {source.num_rows} {cfg.modality}s in {cfg.data}; "
                           f"set cluster.k <= {source.num_rows}")
-    log(f"inputs: {source.num_rows} source images ({skipped.num_rows} skipped), target {train.num_rows} train / "
+    log(f"inputs: {source.num_rows} source {cfg.modality}s ({skipped.num_rows} skipped), target {train.num_rows} train / "
         f"{test.num_rows} test ({skipped_t.num_rows} skipped)")
     empty = skipped.schema.empty_table()
     return {"source": (source, skipped), "target_train": (train, skipped_t), "target_test": (test, empty)}
@@ -95,7 +96,7 @@ def stage_items(run: RunDir, paths: Paths, inputs: dict) -> dict:
     return {name: items.num_rows for name, (items, _) in inputs.items()}
 
 
-def stage_pretrain(cfg: ImageJobConfig, run: RunDir, paths: Paths) -> dict:
+def stage_pretrain(cfg: JobConfig, run: RunDir, paths: Paths) -> dict:
     from cf_ray.models.checkpoint import build, import_checkpoint, save_backbone
     from cf_ray.train.loop import train_classifier
 
@@ -113,28 +114,28 @@ def stage_pretrain(cfg: ImageJobConfig, run: RunDir, paths: Paths) -> dict:
         return {"source": "torchvision", "arch": model_cfg.arch}
     items = read_items(paths.items("source"))
     items = items.append_column("target", pa.array(np.zeros(items.num_rows, np.int64)))
-    res = train_classifier(cfg.pretrain.train, cfg.image, items, "rotation", 4, paths.train, "pretrain",
+    res = train_classifier(cfg.pretrain.train, cfg.media, items, "rotation", 4, paths.train, "pretrain",
                            paths.model("pretrained"), threads=_threads(cfg))
     run.record_errors(res["undecodable"], "decode", "source")
-    return {"source": "rotnet", "history": res["history"], "images": res["rows"]}
+    return {"source": "rotnet", "history": res["history"], "items": res["rows"]}
 
 
-def _threads(cfg: ImageJobConfig) -> int:
+def _threads(cfg: JobConfig) -> int:
     """Locally the trainer may use every core; Ray Train gives a worker cpus_per_worker threads otherwise."""
     import os
 
     return 0 if os.environ.get("RAY_ADDRESS") else (cfg.ray.num_cpus or os.cpu_count() or 1)
 
 
-def stage_extract(cfg: ImageJobConfig, run: RunDir, paths: Paths, model: str, dataset: str) -> dict:
+def stage_extract(cfg: JobConfig, run: RunDir, paths: Paths, model: str, dataset: str) -> dict:
     out = paths.features(model, dataset)
-    res = run_extract(cfg.extract, cfg.image, paths.items(dataset), paths.model(model), out)
+    res = run_extract(cfg.extract, cfg.media, paths.items(dataset), paths.model(model), out)
     fs, p = storage.resolve(storage.join(out, "_errors.parquet"))
     run.record_errors(pq.read_table(p, filesystem=fs), "decode", dataset)
     return res
 
 
-def stage_cluster(cfg: ImageJobConfig, paths: Paths) -> dict:
+def stage_cluster(cfg: JobConfig, paths: Paths) -> dict:
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
     res = run_cluster(cfg.cluster, paths.features("pretrained", "source"), paths.cluster)
@@ -149,7 +150,7 @@ def stage_cluster(cfg: ImageJobConfig, paths: Paths) -> dict:
     return res
 
 
-def stage_retrain(cfg: ImageJobConfig, run: RunDir, paths: Paths) -> dict:
+def stage_retrain(cfg: JobConfig, run: RunDir, paths: Paths) -> dict:
     from cf_ray.train.loop import train_classifier
 
     a = read_assignments(paths.cluster)
@@ -160,12 +161,12 @@ def stage_retrain(cfg: ImageJobConfig, run: RunDir, paths: Paths) -> dict:
     if cfg.retrain.balanced_sampling:
         nonempty = max(1, int((counts > 0).sum()))
         weights = [float(items.num_rows / (nonempty * c)) if c else 0.0 for c in counts]
-    res = train_classifier(cfg.retrain, cfg.image, items, "labels", cfg.cluster.k, paths.train, "retrain",
+    res = train_classifier(cfg.retrain, cfg.media, items, "labels", cfg.cluster.k, paths.train, "retrain",
                            paths.model("clusterfit"), class_weights=weights, threads=_threads(cfg))
-    return {"history": res["history"], "images": res["rows"], "classes": int((counts > 0).sum())}
+    return {"history": res["history"], "items": res["rows"], "classes": int((counts > 0).sum())}
 
 
-def stage_transfer(cfg: ImageJobConfig, paths: Paths) -> dict:
+def stage_transfer(cfg: JobConfig, paths: Paths) -> dict:
     out = {}
     for m in MODELS:
         out[m] = run_probe(cfg.probe, paths.features(m, "target_train"), paths.features(m, "target_test"))
@@ -173,7 +174,11 @@ def stage_transfer(cfg: ImageJobConfig, paths: Paths) -> dict:
     return {"transfer": out}
 
 
-def run_image_job(cfg: ImageJobConfig) -> dict:
+def report_title(cfg: JobConfig) -> str:
+    return f"ClusterFit ({cfg.modality}s): {cfg.data}"
+
+
+def run_job(cfg: JobConfig) -> dict:
     from cf_ray.runtime import init_ray
 
     inputs = check_inputs(cfg)
@@ -190,7 +195,7 @@ def run_image_job(cfg: ImageJobConfig) -> dict:
         for d in ("target_train", "target_test"):
             run.stage(f"extract_{m}_{d}", lambda m=m, d=d: stage_extract(cfg, run, paths, m, d))
     transfer = run.stage("transfer", lambda: stage_transfer(cfg, paths))
-    run.stage("report", lambda: run_report(run.root, "ClusterFit (images)"), force=True)
+    run.stage("report", lambda: run_report(run.root, report_title(cfg)), force=True)
     log(f"report: {run.path('report.md')}")
     return {"run_dir": run.root, "report": run.path("report.md"), "transfer": transfer.get("transfer")}
 

@@ -2,16 +2,16 @@ from pathlib import Path
 
 import pytest
 
-from cf_ray.config import ConfigError, ImageJobConfig, load_config
+from cf_ray.config import ConfigError, JobConfig, load_config
 
 
 def test_defaults_are_valid():
-    cfg = load_config(ImageJobConfig)
+    cfg = load_config(JobConfig)
     assert cfg.cluster.k > 0 and cfg.cluster.layer in cfg.extract.layers
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config(ImageJobConfig, None, ["cluster.k=7", "retrain.model.width=8", "extract.layers=[res4, res5]", "probe.layers=[res5]"])
+    cfg = load_config(JobConfig, None, ["cluster.k=7", "retrain.model.width=8", "extract.layers=[res4, res5]", "probe.layers=[res5]"])
     assert cfg.cluster.k == 7 and cfg.retrain.model.width == 8 and cfg.extract.layers == ["res4", "res5"]
 
 
@@ -22,28 +22,28 @@ def test_overrides_are_typed_and_nested():
 )
 def test_bad_keys_and_types_are_named(override, key):
     with pytest.raises(ConfigError) as e:
-        load_config(ImageJobConfig, None, [override])
+        load_config(JobConfig, None, [override])
     assert key in str(e.value)
 
 
 def test_layers_used_must_be_extracted():
     with pytest.raises(ConfigError, match="res2"):
-        load_config(ImageJobConfig, None, ["cluster.layer=res2"])
+        load_config(JobConfig, None, ["cluster.layer=res2"])
 
 
 def test_override_without_equals_is_rejected():
     with pytest.raises(ConfigError, match="key=value"):
-        load_config(ImageJobConfig, None, ["cluster.k"])
+        load_config(JobConfig, None, ["cluster.k"])
 
 
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="does not exist"):
-        load_config(ImageJobConfig, "no/such.yaml")
+        load_config(JobConfig, "no/such.yaml")
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/image*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_image_config_loads(path):
-    load_config(ImageJobConfig, path)
+    load_config(JobConfig, path)
 
 
 def test_config_reference_is_current():

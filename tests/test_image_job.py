@@ -7,9 +7,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from cf_ray.config import ConfigError, ImageJobConfig, load_config
+from cf_ray.config import ConfigError, JobConfig, load_config
 from cf_ray.demo import make_demo_splits
-from cf_ray.pipeline import run_image_job
+from cf_ray.pipeline import run_job
 from cf_ray.sources import SourceError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,8 +31,8 @@ def demo(tmp_path_factory):
 
 def test_image_job_end_to_end_and_resume(ray_session, demo):
     root, data, target = demo
-    cfg = load_config(ImageJobConfig, None, TINY + [f"data={data}", f"target={target}", f"run_dir={root / 'run'}"])
-    out = run_image_job(cfg)
+    cfg = load_config(JobConfig, None, TINY + [f"data={data}", f"target={target}", f"run_dir={root / 'run'}"])
+    out = run_job(cfg)
     run = Path(out["run_dir"])
     manifest = json.loads((run / "manifest.json").read_text())
     assert all(s["status"] == "done" for s in manifest["stages"].values())
@@ -54,11 +54,11 @@ def test_image_job_end_to_end_and_resume(ray_session, demo):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["skipped_inputs"] == 2 and "nmi" in metrics["cluster"]
     assert (run / "models" / "clusterfit" / "backbone.pt").exists()
-    assert load_config(ImageJobConfig, run / "config.yaml") == cfg
+    assert load_config(JobConfig, run / "config.yaml") == cfg
 
     # A rerun resumes: every done stage is skipped, outputs are untouched.
     mtime = (run / "cluster" / "assignments.parquet").stat().st_mtime
-    run_image_job(cfg)
+    run_job(cfg)
     assert (run / "cluster" / "assignments.parquet").stat().st_mtime == mtime
     assert json.loads((run / "manifest.json").read_text())["stages"]["retrain"] == manifest["stages"]["retrain"]
 
@@ -66,10 +66,10 @@ def test_image_job_end_to_end_and_resume(ray_session, demo):
 def test_bad_inputs_fail_before_ray_work(demo, tmp_path):
     _, data, target = demo
     with pytest.raises(ConfigError, match="cluster.k=500"):
-        run_image_job(load_config(ImageJobConfig, None, TINY + [f"data={data}", f"target={target}", "cluster.k=500",
+        run_job(load_config(JobConfig, None, TINY + [f"data={data}", f"target={target}", "cluster.k=500",
                                                                   f"run_dir={tmp_path / 'r1'}"]))
     with pytest.raises(SourceError, match="does not exist"):
-        run_image_job(load_config(ImageJobConfig, None, [f"data={tmp_path / 'nope'}", f"target={target}"]))
+        run_job(load_config(JobConfig, None, [f"data={tmp_path / 'nope'}", f"target={target}"]))
     assert not (tmp_path / "r1").exists()
 
 

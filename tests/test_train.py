@@ -14,7 +14,7 @@ def test_rotnet_trains_saves_and_resumes(ray_session, tmp_path):
     items, _ = list_items(str(data))
     items = items.append_column("target", pa.array([0] * items.num_rows, pa.int64()))
     cfg = TrainConfig(model=ModelConfig(width=4), epochs=1, batch_size=16, warmup_epochs=0)
-    kw = dict(image=ImageConfig(size=16), items=items, task="rotation", num_classes=4,
+    kw = dict(media=ImageConfig(size=16), items=items, task="rotation", num_classes=4,
               storage_path=str(tmp_path / "train"), name="rot", model_uri=str(tmp_path / "model"))
     r1 = train_classifier(cfg, **kw)
     assert [h["epoch"] for h in r1["history"]] == [1] and r1["rows"] == 48

@@ -1,7 +1,8 @@
 """Extract: items -> decode (Ray Data tasks) -> backbone (actor pool) -> Parquet.
 
 One row per input: id, path, label, error ('' when fine) and one fixed-size float32 list column per
-feature tap (null where the input could not be decoded). The output folder is complete only when
+feature tap (null where the input could not be decoded). For video, ``feat_<tap>`` is the mean over the
+video's clips and ``clipfeat_<tap>`` keeps every clip's feature. The output folder is complete only when
 ``_SUCCESS.json`` exists; a rerun over a complete output does nothing.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from ray.data.datasource import FilenameProvider
 
 from cf_ray import storage
-from cf_ray.config import ExtractConfig, ImageConfig
+from cf_ray.config import ExtractConfig, ImageConfig, VideoConfig
 from cf_ray.media.image import decode_images
 from cf_ray.rundir import log
 from cf_ray.runtime import want_gpu
@@ -30,12 +31,26 @@ class _StableNames(FilenameProvider):
         return f"part-{task_index:05d}.parquet"
 
 
-def normalize(images: np.ndarray, mean, std, device: str = "cpu") -> torch.Tensor:
-    """(N,H,W,3) uint8 -> (N,3,H,W) float32, normalised."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float().div_(255)
-    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    return (x - m) / s
+def normalize(pixels: np.ndarray, mean, std, device: str = "cpu") -> torch.Tensor:
+    """Channels-last uint8 -> channels-first float32, normalised: images (N,H,W,3) -> (N,3,H,W),
+    clips (N,T,H,W,3) -> (N,3,T,H,W)."""
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device)
+    x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x.permute(0, 4, 1, 2, 3)
+    shape = (1, 3) + (1,) * (x.ndim - 2)
+    m = torch.tensor(mean, device=device).view(shape)
+    s = torch.tensor(std, device=device).view(shape)
+    return (x.float().div_(255) - m) / s
+
+
+def decoder(media: ImageConfig | VideoConfig) -> tuple:
+    """(Ray Data decode UDF, its kwargs, the column it fills) for images or videos."""
+    if isinstance(media, VideoConfig):
+        from cf_ray.media.video import decode_video_batch
+
+        return decode_video_batch, {
+            "num_clips": media.num_clips, "clip_len": media.clip_len, "stride": media.stride, "size": media.size,
+            "resize": media.resize, "short": media.short, "timeout_s": media.timeout_s}, "clips"
+    return decode_images, {"size": media.size, "resize": media.resize}, "image"
 
 
 def feature_column(values: np.ndarray, ok: np.ndarray) -> pa.Array:
@@ -44,6 +59,15 @@ def feature_column(values: np.ndarray, ok: np.ndarray) -> pa.Array:
     full = np.zeros((n, d), dtype=np.float32)
     full[ok] = values
     return pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), d, mask=pa.array(~ok))
+
+
+def clip_feature_column(values: np.ndarray, ok: np.ndarray) -> pa.Array:
+    """(n_ok, clips, d) per-clip features -> a column of fixed-size lists of per-clip feature lists."""
+    n, c, d = len(ok), values.shape[1], values.shape[2]
+    full = np.zeros((n, c, d), dtype=np.float32)
+    full[ok] = values
+    inner = pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), d)
+    return pa.FixedSizeListArray.from_arrays(inner, c, mask=pa.array(~ok))
 
 
 class Extractor:
@@ -62,12 +86,17 @@ class Extractor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ok = np.array([e == "" for e in batch["error"]], dtype=bool)
-        feats = {l: np.zeros((0, self.model.feature_info[l]), np.float32) for l in self.layers}
+        video = "clips" in batch
+        pixels = batch["clips" if video else "image"][ok]
+        per_item = pixels.shape[1] if video else 1  # clips per video
+        feats = {l: np.zeros((0, per_item, self.model.feature_info[l]), np.float32) for l in self.layers}
         if ok.any():
-            x = normalize(batch["image"][ok], self.mean, self.std, self.device)
+            if video:
+                pixels = pixels.reshape(-1, *pixels.shape[2:])  # every clip of every video is one input
+            x = normalize(pixels, self.mean, self.std, self.device)
             with torch.inference_mode(), torch.autocast(self.device, enabled=self.device == "cuda", dtype=torch.bfloat16):
                 out = self.model.forward_features(x, self.layers)
-            feats = {l: out[l].float().cpu().numpy() for l in self.layers}
+            feats = {l: out[l].float().cpu().numpy().reshape(int(ok.sum()), per_item, -1) for l in self.layers}
         cols = {
             "id": pa.array(batch["id"].tolist(), pa.string()),
             "path": pa.array(batch["path"].tolist(), pa.string()),
@@ -75,7 +104,9 @@ class Extractor:
             "error": pa.array(batch["error"].tolist(), pa.string()),
         }
         for l in self.layers:
-            cols[f"feat_{l}"] = feature_column(feats[l], ok)
+            cols[f"feat_{l}"] = feature_column(feats[l].mean(1), ok)  # a video's feature: mean over its clips
+            if video:
+                cols[f"clipfeat_{l}"] = clip_feature_column(feats[l], ok)
         return pa.table(cols)
 
 
@@ -96,8 +127,8 @@ def items_dataset(items: pa.Table, block_rows: int) -> ray.data.Dataset:
     return ray.data.from_arrow(chunks)
 
 
-def run_extract(cfg: ExtractConfig, image: ImageConfig, items_uri: str, model_uri: str, out_uri: str) -> dict:
-    """Features of every item in ``items_uri`` with the backbone at ``model_uri`` into ``out_uri``."""
+def run_extract(cfg: ExtractConfig, media: ImageConfig | VideoConfig, items_uri: str, model_uri: str, out_uri: str) -> dict:
+    """Features of every item (image or video) in ``items_uri`` with the backbone at ``model_uri`` into ``out_uri``."""
     marker = storage.join(out_uri, SUCCESS)
     if storage.exists(marker):
         log(f"extract: {out_uri} is complete, nothing to do")
@@ -107,16 +138,17 @@ def run_extract(cfg: ExtractConfig, image: ImageConfig, items_uri: str, model_ur
     gpu = want_gpu(cfg.use_gpu)
     log(f"extract: {items.num_rows} items, layers {cfg.layers}, {cfg.num_actors} actor(s) on {'GPU' if gpu else 'CPU'} -> {out_uri}")
     t0 = time.time()
+    decode, decode_kwargs, _ = decoder(media)
     ds = items_dataset(items, cfg.block_rows).map_batches(
-        decode_images, fn_kwargs={"size": image.size, "resize": image.resize}, batch_size=cfg.batch_size, batch_format="numpy"
+        decode, fn_kwargs=decode_kwargs, batch_size=cfg.batch_size, batch_format="numpy"
     )
     ds = ds.map_batches(
         Extractor,
         fn_constructor_kwargs={
             "model_uri": storage.absolute(model_uri),
             "layers": cfg.layers,
-            "mean": image.mean,
-            "std": image.std,
+            "mean": media.mean,
+            "std": media.std,
             "use_gpu": gpu,
             "threads": cfg.torch_threads or int(cfg.cpus_per_actor),
         },

@@ -107,7 +107,7 @@ def run_report(run_dir: str, title: str = "ClusterFit run") -> dict:
         for n, h in histories.items():
             last = h[-1]
             lines.append(f"- {n}: {len(h)} epochs, final loss {last['loss']:.3f}, accuracy {100 * last['acc']:.1f}%, "
-                         f"{last['images_per_s']:.0f} img/s")
+                         f"{last['items_per_s']:.0f} items/s")
         lines.append("")
 
     errors = run.errors()

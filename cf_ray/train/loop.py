@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from cf_ray import storage
-from cf_ray.config import ImageConfig, TrainConfig
-from cf_ray.media.image import decode_images
+from cf_ray.config import ImageConfig, TrainConfig, VideoConfig
 from cf_ray.rundir import log
 from cf_ray.runtime import want_gpu
 
@@ -39,20 +38,23 @@ class Classifier(nn.Module):
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop with reflection padding and horizontal flip, per sample; x is (N,3,H,W)."""
-    n, _, h, w = x.shape
+    """Random crop with reflection padding and horizontal flip, per sample, the same for every frame of
+    a clip; x is (N,3,H,W) or (N,3,T,H,W)."""
+    shape = x.shape
+    n, h, w = shape[0], shape[-2], shape[-1]
+    x = x.reshape(n, -1, h, w)
     xp = nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
     out = torch.stack([xp[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
     flip = torch.rand(n, generator=gen) < 0.5
-    out[flip] = out[flip].flip(3)
-    return out
+    out[flip] = out[flip].flip(-1)
+    return out.reshape(shape)
 
 
 def rotate4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """RotNet input: each image at 0, 90, 180, 270 degrees, with targets 0..3."""
-    xs = torch.cat([torch.rot90(x, k, dims=(2, 3)) for k in range(4)])
+    """RotNet input: each image (or every frame of each clip) at 0, 90, 180, 270 degrees, targets 0..3."""
+    xs = torch.cat([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)])
     ys = torch.arange(4).repeat_interleave(len(x))
     return xs, ys
 
@@ -72,7 +74,8 @@ def train_loop_per_worker(config: dict) -> None:
     from cf_ray.stages.extract import normalize
 
     cfg = TrainConfig.model_validate(config["train"])
-    image = ImageConfig.model_validate(config["image"])
+    media = (VideoConfig if config["modality"] == "video" else ImageConfig).model_validate(config["media"])
+    column = "clips" if config["modality"] == "video" else "image"
     task, num_classes, class_weights = config["task"], config["num_classes"], config.get("class_weights")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -115,10 +118,14 @@ def train_loop_per_worker(config: dict) -> None:
         gen.manual_seed(cfg.seed * 100003 + epoch * 1009 + rank)
         model.train()
         t0, seen, loss_sum, correct, n_out = time.time(), 0, 0.0, 0, 0
+        last_print = t0
         step = epoch * steps_per_epoch
         for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.batch_size * 4,
                                               local_shuffle_seed=cfg.seed + epoch, drop_last=False):
-            x = normalize(batch["image"].numpy(), image.mean, image.std)
+            pixels = batch[column].numpy()
+            if column == "clips":
+                pixels = pixels[:, 0]  # one random clip per video and epoch
+            x = normalize(pixels, media.mean, media.std)
             x = augment(x, gen)
             y = batch["target"].long()
             if task == "rotation":
@@ -139,12 +146,16 @@ def train_loop_per_worker(config: dict) -> None:
             loss_sum += loss.detach().item() * len(y)
             correct += int((logits.argmax(1) == y).sum())
             n_out += len(y)
+            if rank == 0 and time.time() - last_print > 30:
+                last_print = time.time()
+                print(f"[cf_ray] {config['name']} epoch {epoch + 1}: {seen * world}/{config['rows']} items, "
+                      f"loss {loss_sum / n_out:.4f}, {seen * world / (last_print - t0):.0f} items/s", flush=True)
         secs = time.time() - t0
         metrics = {
             "epoch": epoch + 1,
             "loss": loss_sum / max(1, n_out),
             "acc": correct / max(1, n_out),
-            "images_per_s": seen * world / max(secs, 1e-9),
+            "items_per_s": seen * world / max(secs, 1e-9),
             "lr": opt.param_groups[0]["lr"],
             "seconds": secs,
         }
@@ -158,28 +169,38 @@ def train_loop_per_worker(config: dict) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(d)
                 print(
                     f"[cf_ray] {config['name']} epoch {epoch + 1}/{cfg.epochs}: loss {metrics['loss']:.4f} "
-                    f"acc {metrics['acc']:.3f} {metrics['images_per_s']:.0f} img/s",
+                    f"acc {metrics['acc']:.3f} {metrics['items_per_s']:.0f} items/s",
                     flush=True,
                 )
             ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def image_dataset(items: pa.Table, image: ImageConfig, seed: int, block_rows: int = 2048) -> tuple[ray.data.Dataset, pa.Table]:
-    """Decoded training images (materialised once) and the table of rows that failed to decode."""
-    from cf_ray.stages.extract import items_dataset
+def training_dataset(items: pa.Table, media: ImageConfig | VideoConfig, seed: int, block_rows: int = 2048
+                     ) -> tuple[ray.data.Dataset, pa.Table, int]:
+    """(dataset of decoded inputs + target, rows that failed to decode, rows).
+
+    Images are decoded once and materialised. Videos stream: each epoch decodes one random clip per
+    video again (so clips differ between epochs); their undecodable files are recorded by extraction.
+    """
+    from cf_ray.stages.extract import decoder, items_dataset
 
     order = np.random.default_rng(seed).permutation(items.num_rows)  # avoid class-sorted blocks
-    ds = items_dataset(items.take(order), block_rows).map_batches(
-        decode_images, fn_kwargs={"size": image.size, "resize": image.resize}, batch_format="numpy"
-    ).materialize()
+    ds = items_dataset(items.take(order), block_rows)
+    decode, kwargs, column = decoder(media)
+    if isinstance(media, VideoConfig):
+        kwargs = {**kwargs, "num_clips": 1, "mode": "random", "seed": None}
+        ds = ds.map_batches(decode, fn_kwargs=kwargs, batch_size=16, batch_format="numpy")
+        good = ds.filter(expr="error == ''").select_columns([column, "target"])
+        return good, pa.table({"id": [], "path": [], "error": []}), items.num_rows
+    ds = ds.map_batches(decode, fn_kwargs=kwargs, batch_format="numpy").materialize()
     bad = ds.filter(expr="error != ''").select_columns(["id", "path", "error"]).to_arrow_refs()
     bad = pa.concat_tables([ray.get(r) for r in bad]) if bad else pa.table({"id": [], "path": [], "error": []})
-    good = ds.filter(expr="error == ''").select_columns(["image", "target"]).materialize()
-    return good, bad
+    good = ds.filter(expr="error == ''").select_columns([column, "target"]).materialize()
+    return good, bad, good.count()
 
 
 def train_classifier(
-    cfg: TrainConfig, image: ImageConfig, items: pa.Table, task: str, num_classes: int,
+    cfg: TrainConfig, media: ImageConfig | VideoConfig, items: pa.Table, task: str, num_classes: int,
     storage_path: str, name: str, model_uri: str, class_weights: list[float] | None = None, threads: int = 0,
 ) -> dict:
     """Train on ``items`` (id, path, target) and save the backbone to ``model_uri``; returns history."""
@@ -188,17 +209,17 @@ def train_classifier(
 
     from cf_ray.models.checkpoint import build, save_backbone
 
-    ds, bad = image_dataset(items, image, cfg.seed)
-    rows = ds.count()
+    ds, bad, rows = training_dataset(items, media, cfg.seed)
     if rows == 0:
         raise ValueError(f"{name}: none of the {items.num_rows} training images could be decoded")
     gpu = want_gpu(cfg.use_gpu)
-    log(f"{name}: {rows} images ({bad.num_rows} undecodable), task={task}, {num_classes} classes, "
+    log(f"{name}: {rows} items ({bad.num_rows} undecodable), task={task}, {num_classes} classes, "
         f"{cfg.num_workers} worker(s) on {'GPU' if gpu else 'CPU'}, {cfg.epochs} epochs")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "train": cfg.model_dump(mode="json"), "image": image.model_dump(mode="json"), "task": task,
+            "train": cfg.model_dump(mode="json"), "media": media.model_dump(mode="json"), "task": task,
+            "modality": "video" if isinstance(media, VideoConfig) else "image",
             "num_classes": num_classes, "class_weights": class_weights, "rows": rows, "name": name, "threads": threads,
         },
         scaling_config=ScalingConfig(
