@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from cf_ray.config import ImageJobConfig
+from cf_ray.config import JobConfig
 
 
 def _type_name(ann) -> str:
@@ -34,7 +34,7 @@ def _rows(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 def render() -> str:
     lines = [
-        "# Configuration reference (images)",
+        "# Configuration reference",
         "",
         "Generated from `cf_ray/config.py` by `python -m cf_ray.config_doc`; a test fails if this file is stale.",
         "Set values in a YAML file (`--config`) or as dotted overrides (`cluster.k=500`). Unknown keys and wrong",
@@ -42,7 +42,7 @@ def render() -> str:
         "",
         "| key | type | default | meaning |",
         "|---|---|---|---|",
-        *_rows(ImageJobConfig),
+        *_rows(JobConfig),
         "",
     ]
     return "\n".join(lines)
