@@ -150,6 +150,7 @@ class JobConfig(_Strict):
     modality: Literal["image", "video"] = Field("image", description="video: inputs are video files and backbones default to r2plus1d_tiny.")
     run_dir: str = Field("runs/image", description="Path or URI of the run directory.")
     data: str = Field("", description="Images to pre-train and cluster on (folder or manifest); labels, if any, are ignored.")
+    data_limit: int | None = Field(None, gt=0, description="Use a seeded random subset of this many source items (VISSL's DATA_LIMIT); none: all.")
     target: str = Field("", description="Labelled target for transfer: a folder with train/ and test/, or one labelled folder/manifest (split deterministically).")
     seed: int = 0
     image: ImageConfig = Field(default_factory=ImageConfig)

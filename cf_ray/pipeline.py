@@ -79,6 +79,9 @@ def check_inputs(cfg: JobConfig) -> dict[str, tuple[pa.Table, pa.Table]]:
     """List every input and check it can be run, before any Ray work: (items, skipped) per dataset."""
     exts = VIDEO_EXTS if cfg.modality == "video" else IMAGE_EXTS
     source, skipped = list_items(cfg.data, exts)
+    if cfg.data_limit and source.num_rows > cfg.data_limit:
+        keep = np.sort(np.random.default_rng(cfg.seed).choice(source.num_rows, cfg.data_limit, replace=False))
+        source = source.take(keep)
     train, test, skipped_t = load_target(cfg.target, cfg.probe.test_fraction, cfg.seed, exts)
     if cfg.cluster.k > source.num_rows:
         raise ConfigError(f"cluster.k={cfg.cluster.k} is larger than the {source.num_rows} {cfg.modality}s in {cfg.data}; "
