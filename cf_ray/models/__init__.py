@@ -8,3 +8,4 @@ from cf_ray.models._registry import Backbone, create_backbone, list_backbones, r
 from cf_ray.models import resnet  # noqa: F401  (registers image backbones)
 
 __all__ = ["Backbone", "create_backbone", "list_backbones", "register_backbone"]
+from cf_ray.models import video_resnet  # noqa: F401,E402  (registers video backbones)

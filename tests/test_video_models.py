@@ -1,0 +1,85 @@
+"""Video backbones: taps, widths, stems, torchvision weight layout, config integration."""
+import pytest
+import torch
+
+from cf_ray.config import ModelConfig
+from cf_ray.models import create_backbone, list_backbones
+from cf_ray.models.checkpoint import build
+
+TAPS = ["res2", "res3", "res4", "res5"]
+VIDEO_NETS = [n for n in list_backbones() if create_backbone(n, width=4).modality == "video"]
+DEFAULT_DIMS = {
+    "r2plus1d_tiny": [16, 32, 64, 128],
+    "r2plus1d_18": [64, 128, 256, 512],
+    "r2plus1d_34": [64, 128, 256, 512],
+    "r2plus1d_50": [256, 512, 1024, 2048],
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny 3-D convs are dominated by thread start-up and contention on a busy 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_all_video_backbones_registered():
+    assert sorted(VIDEO_NETS) == sorted(DEFAULT_DIMS)
+
+
+@pytest.mark.parametrize("name", VIDEO_NETS)
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+def test_taps_match_feature_info(name, stem):
+    m = create_backbone(name, width=8, stem=stem).eval()
+    with torch.no_grad():
+        out = m.forward_features(torch.randn(2, 3, 4, 16, 16), TAPS)
+    assert list(out) == TAPS
+    for tap in TAPS:
+        assert out[tap].shape == (2, m.feature_info[tap])
+    assert m(torch.randn(1, 3, 2, 16, 16)).shape == (1, m.num_features)
+
+
+@pytest.mark.parametrize("name", VIDEO_NETS)
+def test_default_width_feature_dims(name):
+    m = create_backbone(name)
+    assert [m.feature_info[t] for t in TAPS] == DEFAULT_DIMS[name]
+    assert m.num_features == DEFAULT_DIMS[name][-1]
+
+
+@pytest.mark.parametrize("name", ["r2plus1d_18", "r2plus1d_50"])
+def test_default_width_forward(name):
+    m = create_backbone(name).eval()
+    with torch.no_grad():
+        out = m.forward_features(torch.randn(1, 3, 4, 32, 32), ["res4", "res5"])
+    assert {t: v.shape[1] for t, v in out.items()} == {"res4": DEFAULT_DIMS[name][2], "res5": DEFAULT_DIMS[name][3]}
+
+
+def test_tiny_trains():
+    m = create_backbone("r2plus1d_tiny", width=4)
+    m(torch.randn(2, 3, 4, 16, 16)).pow(2).mean().backward()
+    assert all(p.grad is not None for p in m.parameters())
+
+
+def test_r2plus1d_18_has_torchvision_weight_layout():
+    from torchvision.models.video import r2plus1d_18
+
+    ours = {k: v.shape for k, v in create_backbone("r2plus1d_18").state_dict().items()}
+    theirs = {k: v.shape for k, v in r2plus1d_18().state_dict().items() if not k.startswith("fc.")}
+    assert ours == theirs
+
+
+def test_r2plus1d_34_parameter_count():
+    # torchvision-style R(2+1)D-34 is 61,831,661 parameters with a 400-way fc (512 * 400 + 400).
+    assert sum(p.numel() for p in create_backbone("r2plus1d_34").parameters()) == 61_831_661 - 205_200
+
+
+def test_bad_stem_is_rejected():
+    with pytest.raises(ValueError, match="stem"):
+        create_backbone("r2plus1d_tiny", stem="vit")
+
+
+def test_built_from_model_config():
+    m = build(ModelConfig(arch="r2plus1d_tiny", width=8, stem="cifar"), seed=0)
+    assert m.modality == "video" and m.feature_info["res5"] == 64
