@@ -181,10 +181,10 @@ class JobConfig(_Strict):
 
     @model_validator(mode="after")
     def _models_match_modality(self) -> "JobConfig":
-        from cf_ray.models import create_backbone
+        from cf_ray.models import backbone_modality
 
         for key, m in (("pretrain.train.model", self.pretrain.train.model), ("retrain.model", self.retrain.model)):
-            kind = create_backbone(m.arch, width=1, stem=m.stem).modality
+            kind = backbone_modality(m.arch)
             if kind != self.modality:
                 raise ValueError(f"{key}.arch={m.arch} is a {kind} backbone but modality={self.modality}")
         return self

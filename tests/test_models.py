@@ -5,7 +5,7 @@ from cf_ray.config import ModelConfig
 from cf_ray.models import create_backbone, list_backbones
 from cf_ray.models.checkpoint import build, import_checkpoint, load_backbone, save_backbone
 
-IMAGE_NETS = [n for n in list_backbones() if create_backbone(n, width=4).modality == "image"]
+IMAGE_NETS = list_backbones("image")
 
 
 @pytest.mark.parametrize("name", IMAGE_NETS)

@@ -320,16 +320,22 @@ def decode_video_batch(
     resize: int | None = None,
     short: Short = "loop",
     timeout_s: float | None = 30,
+    mode: Literal["uniform", "random"] = "uniform",
+    seed: int | None = 0,
 ) -> dict[str, np.ndarray]:
     """Ray Data UDF over rows with a ``path`` column: adds ``clips`` (n, num_clips, T, H, W, 3) uint8,
-    all zero where decoding failed, and ``error`` ('' when fine). Never raises for a bad file."""
+    all zero where decoding failed, and ``error`` ('' when fine). Never raises for a bad file.
+
+    mode="random" with seed=None draws fresh clip positions on every call (training: new clips each epoch).
+    """
     n = len(batch["path"])
+    rng = np.random.default_rng(seed)
     clips = np.zeros((n, num_clips, clip_len, size, size, 3), dtype=np.uint8)
     errors = [""] * n
     for i, path in enumerate(batch["path"]):
         try:
             clips[i] = decode_clips(storage.read_bytes(str(path)), num_clips, clip_len, stride, size, resize, short,
-                                    timeout_s=timeout_s)
+                                    mode=mode, seed=int(rng.integers(2**31)), timeout_s=timeout_s)
         except ValueError as e:
             errors[i] = str(e)
         except OSError as e:

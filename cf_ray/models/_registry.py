@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_MODALITY: dict[str, str] = {}
 
 
 class Backbone(Protocol):
@@ -15,18 +16,25 @@ class Backbone(Protocol):
     def forward_features(self, x: torch.Tensor, taps: list[str] | None = None) -> dict[str, torch.Tensor]: ...
 
 
-def register_backbone(name: str):
+def register_backbone(name: str, modality: str = "image"):
     def wrap(fn: Callable[..., nn.Module]):
         if name in _REGISTRY:
             raise ValueError(f"backbone {name!r} registered twice")
         _REGISTRY[name] = fn
+        _MODALITY[name] = modality
         return fn
 
     return wrap
 
 
-def list_backbones() -> list[str]:
-    return sorted(_REGISTRY)
+def list_backbones(modality: str | None = None) -> list[str]:
+    return sorted(n for n in _REGISTRY if modality is None or _MODALITY[n] == modality)
+
+
+def backbone_modality(name: str) -> str:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown backbone {name!r}; registered: {', '.join(list_backbones())}")
+    return _MODALITY[name]
 
 
 def create_backbone(name: str, **kwargs) -> nn.Module:

@@ -122,23 +122,23 @@ class PyTorchVideoR2Plus1d(nn.Module):
         return self.forward_features(x, ["res5"])["res5"]
 
 
-@register_backbone("r2plus1d_tiny")
+@register_backbone("r2plus1d_tiny", modality="video")
 def r2plus1d_tiny(width: int = 16, stem: str = "cifar") -> R2Plus1dBackbone:
     """One BasicBlock per stage: the CPU demo and test network."""
     return R2Plus1dBackbone([1, 1, 1, 1], width, stem)
 
 
-@register_backbone("r2plus1d_18")
+@register_backbone("r2plus1d_18", modality="video")
 def r2plus1d_18(width: int = 64, stem: str = "imagenet") -> R2Plus1dBackbone:
     return R2Plus1dBackbone([2, 2, 2, 2], width, stem)
 
 
-@register_backbone("r2plus1d_34")
+@register_backbone("r2plus1d_34", modality="video")
 def r2plus1d_34(width: int = 64, stem: str = "imagenet") -> R2Plus1dBackbone:
     """The ClusterFit video network; torchvision midplanes (not the Caffe2/VMZ ones of the IG-65M weights)."""
     return R2Plus1dBackbone([3, 4, 6, 3], width, stem)
 
 
-@register_backbone("r2plus1d_50")
+@register_backbone("r2plus1d_50", modality="video")
 def r2plus1d_50(width: int = 64, stem: str = "imagenet") -> PyTorchVideoR2Plus1d:
     return PyTorchVideoR2Plus1d(width, stem, depth=50)
