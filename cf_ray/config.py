@@ -84,7 +84,10 @@ class PretrainConfig(_Strict):
     """Where the pre-trained network comes from."""
 
     source: Literal["rotnet", "checkpoint", "torchvision"] = Field(
-        "rotnet", description="rotnet: self-supervised rotation prediction trained here; checkpoint: a state_dict file; torchvision: weights in the local torch cache."
+        "rotnet", description="rotnet: self-supervised pre-training here (task: pretrain.proxy); checkpoint: a state_dict file; torchvision: weights in the local torch cache."
+    )
+    proxy: Literal["rotation", "arrow_of_time"] = Field(
+        "rotation", description="Self-supervised task for source=rotnet: rotation (RotNet; 3D RotNet on clips) or arrow_of_time (video: forward vs backward)."
     )
     checkpoint: str | None = Field(None, description="Path to a backbone state_dict (source=checkpoint).")
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -187,6 +190,12 @@ class JobConfig(_Strict):
             kind = backbone_modality(m.arch)
             if kind != self.modality:
                 raise ValueError(f"{key}.arch={m.arch} is a {kind} backbone but modality={self.modality}")
+        return self
+
+    @model_validator(mode="after")
+    def _proxy_fits_modality(self) -> "JobConfig":
+        if self.pretrain.proxy == "arrow_of_time" and self.modality != "video":
+            raise ValueError("pretrain.proxy=arrow_of_time needs modality=video (images have no time)")
         return self
 
     @model_validator(mode="after")

@@ -117,10 +117,12 @@ def stage_pretrain(cfg: JobConfig, run: RunDir, paths: Paths) -> dict:
         return {"source": "torchvision", "arch": model_cfg.arch}
     items = read_items(paths.items("source"))
     items = items.append_column("target", pa.array(np.zeros(items.num_rows, np.int64)))
-    res = train_classifier(cfg.pretrain.train, cfg.media, items, "rotation", 4, paths.train, "pretrain",
+    from cf_ray.train.loop import PROXY_TASKS
+
+    res = train_classifier(cfg.pretrain.train, cfg.media, items, cfg.pretrain.proxy, PROXY_TASKS[cfg.pretrain.proxy], paths.train, "pretrain",
                            paths.model("pretrained"), threads=_threads(cfg))
     run.record_errors(res["undecodable"], "decode", "source")
-    return {"source": "rotnet", "history": res["history"], "items": res["rows"]}
+    return {"source": "rotnet", "proxy": cfg.pretrain.proxy, "history": res["history"], "items": res["rows"]}
 
 
 def _threads(cfg: JobConfig) -> int:

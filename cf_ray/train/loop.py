@@ -1,7 +1,8 @@
 """Training a backbone + linear head with Ray Train: RotNet pre-training and ClusterFit retraining.
 
-Both are image classification over (image, target): RotNet's targets are the rotation of each image
-(every image is seen at 0/90/180/270 degrees), ClusterFit's are the cluster ids. The loop is plain,
+Both are classification over (input, target): RotNet's targets are the rotation of each image or clip
+(each seen at 0/90/180/270 degrees), arrow-of-time's whether a clip plays forward or backward, ClusterFit's
+the cluster ids. The loop is plain,
 single-device PyTorch; Ray Train adds the workers, DDP, checkpoints and restarts.
 """
 from __future__ import annotations
@@ -57,6 +58,17 @@ def rotate4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xs = torch.cat([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)])
     ys = torch.arange(4).repeat_interleave(len(x))
     return xs, ys
+
+
+def arrow_of_time(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Arrow-of-time input: each clip (N,3,T,H,W) played forward (target 0) or backward (target 1)."""
+    backward = torch.rand(len(x), generator=gen) < 0.5
+    x = x.clone()
+    x[backward] = x[backward].flip(2)
+    return x, backward.long()
+
+
+PROXY_TASKS = {"rotation": 4, "arrow_of_time": 2}  # self-supervised pre-training tasks and their classes
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -130,6 +142,8 @@ def train_loop_per_worker(config: dict) -> None:
             y = batch["target"].long()
             if task == "rotation":
                 x, y = rotate4(x)
+            elif task == "arrow_of_time":
+                x, y = arrow_of_time(x, gen)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
