@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from cf_ray import storage
 from cf_ray.config import ClusterConfig
+from cf_ray.kmeans._blas import faiss_blas_note
 from cf_ray.kmeans.core import cluster_stats, preprocess_fit, sizes_stats
 from cf_ray.rundir import log
 from cf_ray.stages.extract import read_features
@@ -82,6 +83,9 @@ def _cluster_faiss(cfg: ClusterConfig, features_uri: str, out_uri: str) -> dict:
     n = len(ids)
     _check_size(n, cfg.k, features_uri)
     log(f"cluster: {n} x {feats.shape[1]} features ({cfg.layer}) -> k={cfg.k}, niter={cfg.niter}")
+    note = faiss_blas_note()
+    if note:
+        log(f"cluster: note: {note}")
     x, transform = preprocess_fit(feats, l2=cfg.l2_normalize, pca_dim=cfg.pca_dim)
     centroids, history = fit_faiss(x, cfg)
     labels, dist = assign(x, centroids)
