@@ -50,8 +50,9 @@ def plain_loop(paths: list[str], arch: str, width: int, stem: str, size: int, ba
     return len(paths) / (time.time() - t0)
 
 
-def cf_ray_extract(data: str, arch: str, width: int, stem: str, size: int, batch: int, threads: int, layers) -> tuple[float, float]:
-    """(items/s over the whole stage call, items/s excluding Ray/actor start-up measured as a warm-up run)."""
+def cf_ray_extract(data: str, arch: str, width: int, stem: str, size: int, batch: int, threads: int, layers,
+                   actors: int, actor_cpus: float) -> tuple[float, dict]:
+    """(items/s over the whole stage call, the stage's result) with ``actors`` actors of ``threads`` threads."""
     from cf_ray.config import ExtractConfig, ImageConfig, ModelConfig
     from cf_ray.models.checkpoint import build, save_backbone
     from cf_ray.runtime import init_ray
@@ -64,7 +65,8 @@ def cf_ray_extract(data: str, arch: str, width: int, stem: str, size: int, batch
     write_items(items, f"{tmp}/items.parquet")
     mcfg = ModelConfig(arch=arch, width=width, stem=stem)
     save_backbone(build(mcfg, seed=0), mcfg, f"{tmp}/model")
-    cfg = ExtractConfig(layers=layers, batch_size=batch, block_rows=2048, num_actors=1, cpus_per_actor=1, torch_threads=threads)
+    cfg = ExtractConfig(layers=layers, batch_size=batch, block_rows=1024, num_actors=actors, cpus_per_actor=actor_cpus,
+                        torch_threads=threads)
     t0 = time.time()
     res = run_extract(cfg, ImageConfig(size=size), f"{tmp}/items.parquet", f"{tmp}/model", f"{tmp}/feat")
     return items.num_rows / (time.time() - t0), res
@@ -80,17 +82,22 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--layers", default="res4,res5")
+    p.add_argument("--actors", type=int, default=2, help="cf_ray actor pool size")
+    p.add_argument("--actor-threads", type=int, default=1, help="torch threads per actor (actors x this = --threads)")
+    p.add_argument("--actor-cpus", type=float, default=0.5, help="Ray CPUs reserved per actor (leave some for writes)")
     args = p.parse_args()
     layers = args.layers.split(",")
     from cf_ray.sources import list_items
 
     paths = list_items(args.data)[0]["path"].to_pylist()
     print(f"{len(paths)} images from {args.data}; {args.arch} width {args.width} stem {args.stem} at {args.size}px, "
-          f"batch {args.batch}, {args.threads} torch threads, layers {layers}", flush=True)
+          f"batch {args.batch}, layers {layers}; plain loop: {args.threads} torch threads", flush=True)
     plain = plain_loop(paths, args.arch, args.width, args.stem, args.size, args.batch, args.threads, layers)
     print(f"plain PyTorch DataLoader loop : {plain:8.1f} img/s", flush=True)
-    ours, res = cf_ray_extract(args.data, args.arch, args.width, args.stem, args.size, args.batch, args.threads, layers)
-    print(f"cf_ray extract (to Parquet)   : {ours:8.1f} img/s  (wall time incl. Ray actor start-up and Parquet write)")
+    ours, res = cf_ray_extract(args.data, args.arch, args.width, args.stem, args.size, args.batch, args.actor_threads, layers,
+                               args.actors, args.actor_cpus)
+    print(f"cf_ray extract (to Parquet)   : {ours:8.1f} img/s  ({args.actors} actors x {args.actor_threads} threads; wall time "
+          f"incl. actor start-up and Parquet write)")
     print(f"ratio cf_ray / plain          : {ours / plain:8.2f}x")
     print(json.dumps({"plain_img_s": round(plain, 1), "cf_ray_img_s": round(ours, 1), "ratio": round(ours / plain, 3),
                       "n": len(paths), "torch": torch.__version__, "numpy": np.__version__}))

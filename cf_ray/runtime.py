@@ -18,6 +18,7 @@ def init_ray(num_cpus: int | None = None, object_store_mb: int = 1024) -> None:
         ray.init()
     else:
         ray.init(
+            address="local",  # a new local Ray, even if `ray start` left a cluster address behind
             num_cpus=num_cpus or os.cpu_count(),
             object_store_memory=object_store_mb * 2**20,
             include_dashboard=False,

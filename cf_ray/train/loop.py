@@ -120,7 +120,7 @@ def train_loop_per_worker(config: dict) -> None:
         opt.load_state_dict(state["opt"])
         start_epoch = state["epoch"] + 1
         if rank == 0:
-            print(f"[cf_ray] resuming {config['name']} from epoch {start_epoch}", flush=True)
+            print(f"[cf_ray] resuming {config['name']} after epoch {start_epoch} (from its last checkpoint)", flush=True)
 
     shard = ray.train.get_dataset_shard("train")
     steps_per_epoch = max(1, math.ceil(config["rows"] / (cfg.batch_size * world)))
