@@ -41,3 +41,27 @@ def test_import_user_checkpoint(tmp_path):
     assert load_backbone(str(tmp_path / "m"))[1] == cfg
     with pytest.raises(ValueError, match="does not match"):
         import_checkpoint(str(tmp_path / "user.pt"), ModelConfig(arch="resnet_tiny", width=8), str(tmp_path / "m2"))
+
+
+def test_torchvision_weights_from_local_cache(tmp_path, monkeypatch):
+    """The torch-cache loader maps torchvision's keys onto ours (weights here are random, not downloaded)."""
+    import os
+
+    import torchvision
+
+    from cf_ray.models.resnet import load_torchvision_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    model = create_backbone("resnet18")
+    with pytest.raises(FileNotFoundError, match="not in the local cache"):
+        load_torchvision_weights(model, "resnet18")
+    tv = torchvision.models.resnet18().eval()
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    os.makedirs(tmp_path / "hub" / "checkpoints")
+    torch.save(tv.state_dict(), tmp_path / "hub" / "checkpoints" / os.path.basename(url))
+    load_torchvision_weights(model, "resnet18")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = model.eval().forward_features(x, ["res5"])["res5"]
+        theirs = torch.flatten(tv.avgpool(tv.layer4(tv.layer3(tv.layer2(tv.layer1(tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))))))), 1)
+    assert torch.allclose(ours, theirs, atol=1e-5)

@@ -71,6 +71,35 @@ def _table(transfer: dict) -> list[str]:
     return lines
 
 
+def _verdict(transfer: dict, results: dict) -> str:
+    """One plain sentence: did ClusterFit help, and if not, the likely reason the run shows."""
+    if not {"pretrained", "clusterfit"} <= set(transfer):
+        return ""
+    deltas = {l: transfer["clusterfit"][l]["top1"] - transfer["pretrained"][l]["top1"] for l in transfer["pretrained"]}
+    wins = [l for l, d in deltas.items() if d > 0]
+    best = max(deltas, key=deltas.get)
+    text = (f"ClusterFit beats the pre-trained network on {len(wins)} of {len(deltas)} layers "
+            f"(best {best}: {100 * deltas[best]:+.1f} points).")
+    cluster = results.get("cluster", {})
+    hist = results.get("retrain", {}).get("history") or []
+    if len(wins) < len(deltas):
+        hints = []
+        if "nmi" in cluster and cluster["nmi"] < 0.2:
+            hints.append(f"the clusters agree little with the source's own labels (NMI {cluster['nmi']:.2f}), so the "
+                         "pseudo-labels carry little of what the target asks for; try another layer (cluster.layer), K, or PCA")
+        if hist and hist[-1]["acc"] < 0.5:
+            hints.append(f"the retrained network fits only {100 * hist[-1]['acc']:.0f}% of its own pseudo-labels; "
+                         "more retrain.epochs or a wider retrain.model may help")
+        if hints:
+            text += " Likely reasons: " + "; ".join(hints) + "."
+    if "random" in transfer:
+        weak = [l for l in deltas if transfer["pretrained"][l]["top1"] <= transfer["random"][l]["top1"]]
+        if len(weak) * 2 > len(deltas):
+            text += (" Note: the pre-trained network itself is no better than a random one on "
+                     f"{len(weak)} of {len(deltas)} layers, so its proxy task taught it little about this target.")
+    return text
+
+
 def run_report(run_dir: str, title: str = "ClusterFit run") -> dict:
     run = RunDir(run_dir)
     manifest = run.manifest()
@@ -83,7 +112,7 @@ def run_report(run_dir: str, title: str = "ClusterFit run") -> dict:
         metrics["transfer"] = {m: {l: v["top1"] for l, v in t.items()} for m, t in transfer.items()}
         plot_transfer(transfer, run.path("plots", "transfer.png"))
         lines += ["## Transfer (headline)", "", "Linear-probe top-1 (%) on the target's test split, frozen features:", ""]
-        lines += _table(transfer) + ["", "![transfer](plots/transfer.png)", ""]
+        lines += _table(transfer) + ["", _verdict(transfer, results), "", "![transfer](plots/transfer.png)", ""]
 
     stats_path = run.path("cluster", "stats.json")
     if storage.exists(stats_path):
