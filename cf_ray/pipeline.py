@@ -187,8 +187,11 @@ def run_job(cfg: JobConfig) -> dict:
     from cf_ray.runtime import init_ray
 
     inputs = check_inputs(cfg)
-    run = RunDir(cfg.run_dir)
-    storage.write_bytes(run.path("config.yaml"), dump_config(cfg).encode())
+    try:
+        run = RunDir(cfg.run_dir)
+        storage.write_bytes(run.path("config.yaml"), dump_config(cfg).encode())
+    except OSError as e:
+        raise ConfigError(f"run_dir {cfg.run_dir} is not writable ({e}); pass --run-dir <a writable path or URI>") from None
     paths = Paths(run)
     run.stage("items", lambda: stage_items(run, paths, inputs))
     init_ray(cfg.ray.num_cpus, cfg.ray.object_store_mb)

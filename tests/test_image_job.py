@@ -71,6 +71,10 @@ def test_bad_inputs_fail_before_ray_work(demo, tmp_path):
     with pytest.raises(SourceError, match="does not exist"):
         run_job(load_config(JobConfig, None, [f"data={tmp_path / 'nope'}", f"target={target}"]))
     assert not (tmp_path / "r1").exists()
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro" / "run").write_text("a file where the run directory should go")
+    with pytest.raises(ConfigError, match="not writable"):
+        run_job(load_config(JobConfig, None, TINY + [f"data={data}", f"target={target}", f"run_dir={tmp_path / 'ro' / 'run'}"]))
 
 
 def test_job_script_reports_config_errors_clearly(tmp_path):
