@@ -103,10 +103,11 @@ def train_loop_per_worker(config: dict) -> None:
     peak_lr = cfg.lr * global_batch / 256
     params_bn = [p for n, p in model.named_parameters() if p.ndim <= 1]
     params_w = [p for n, p in model.named_parameters() if p.ndim > 1]
-    opt = torch.optim.SGD(
-        [{"params": params_w, "weight_decay": cfg.weight_decay}, {"params": params_bn, "weight_decay": 0.0}],
-        lr=peak_lr, momentum=cfg.momentum, nesterov=True,
-    )
+    groups = [{"params": params_w, "weight_decay": cfg.weight_decay}, {"params": params_bn, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, lr=peak_lr)
+    else:
+        opt = torch.optim.SGD(groups, lr=peak_lr, momentum=cfg.momentum, nesterov=True)
     weight = torch.tensor(class_weights, dtype=torch.float32, device=device) if class_weights else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
 
