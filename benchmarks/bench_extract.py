@@ -39,7 +39,7 @@ def plain_loop(paths: list[str], arch: str, width: int, stem: str, size: int, ba
 
         def __getitem__(self, i):
             with open(paths[i], "rb") as f:
-                return torch.from_numpy(decode_image(f.read(), size))
+                return torch.from_numpy(decode_image(f.read(), size).copy())
 
     loader = torch.utils.data.DataLoader(Files(), batch_size=batch, num_workers=0)
     t0, feats = time.time(), []
@@ -50,18 +50,16 @@ def plain_loop(paths: list[str], arch: str, width: int, stem: str, size: int, ba
     return len(paths) / (time.time() - t0)
 
 
-def cf_ray_extract(data: str, arch: str, width: int, stem: str, size: int, batch: int, threads: int, layers,
+def cf_ray_extract(items, arch: str, width: int, stem: str, size: int, batch: int, threads: int, layers,
                    actors: int, actor_cpus: float) -> tuple[float, dict]:
     """(items/s over the whole stage call, the stage's result) with ``actors`` actors of ``threads`` threads."""
     from cf_ray.config import ExtractConfig, ImageConfig, ModelConfig
     from cf_ray.models.checkpoint import build, save_backbone
     from cf_ray.runtime import init_ray
-    from cf_ray.sources import list_items
     from cf_ray.stages.extract import run_extract, write_items
 
     init_ray(num_cpus=os.cpu_count(), object_store_mb=1024)
     tmp = tempfile.mkdtemp(prefix="bench_extract_")
-    items, _ = list_items(data)
     write_items(items, f"{tmp}/items.parquet")
     mcfg = ModelConfig(arch=arch, width=width, stem=stem)
     save_backbone(build(mcfg, seed=0), mcfg, f"{tmp}/model")
@@ -85,21 +83,32 @@ def main() -> None:
     p.add_argument("--actors", type=int, default=2, help="cf_ray actor pool size")
     p.add_argument("--actor-threads", type=int, default=1, help="torch threads per actor (actors x this = --threads)")
     p.add_argument("--actor-cpus", type=float, default=0.5, help="Ray CPUs reserved per actor (leave some for writes)")
+    p.add_argument("--limit", type=int, default=0, help="use the first N images (0: all)")
+    p.add_argument("--rounds", type=int, default=1, help="alternate plain / cf_ray this many times; medians are printed")
     args = p.parse_args()
     layers = args.layers.split(",")
     from cf_ray.sources import list_items
 
-    paths = list_items(args.data)[0]["path"].to_pylist()
+    items = list_items(args.data)[0]
+    if args.limit:
+        items = items.slice(0, args.limit)
+    paths = items["path"].to_pylist()
     print(f"{len(paths)} images from {args.data}; {args.arch} width {args.width} stem {args.stem} at {args.size}px, "
-          f"batch {args.batch}, layers {layers}; plain loop: {args.threads} torch threads", flush=True)
-    plain = plain_loop(paths, args.arch, args.width, args.stem, args.size, args.batch, args.threads, layers)
-    print(f"plain PyTorch DataLoader loop : {plain:8.1f} img/s", flush=True)
-    ours, res = cf_ray_extract(args.data, args.arch, args.width, args.stem, args.size, args.batch, args.actor_threads, layers,
-                               args.actors, args.actor_cpus)
-    print(f"cf_ray extract (to Parquet)   : {ours:8.1f} img/s  ({args.actors} actors x {args.actor_threads} threads; wall time "
-          f"incl. actor start-up and Parquet write)")
-    print(f"ratio cf_ray / plain          : {ours / plain:8.2f}x")
-    print(json.dumps({"plain_img_s": round(plain, 1), "cf_ray_img_s": round(ours, 1), "ratio": round(ours / plain, 3),
+          f"batch {args.batch}, layers {layers}; plain loop: {args.threads} torch threads; cf_ray: {args.actors} actor(s) x "
+          f"{args.actor_threads} thread(s); {args.rounds} alternating round(s)", flush=True)
+    plain, ours = [], []
+    for r in range(args.rounds):
+        plain.append(plain_loop(paths, args.arch, args.width, args.stem, args.size, args.batch, args.threads, layers))
+        ours.append(cf_ray_extract(items, args.arch, args.width, args.stem, args.size, args.batch, args.actor_threads, layers,
+                                   args.actors, args.actor_cpus)[0])
+        print(f"round {r + 1}: plain {plain[-1]:7.1f} img/s   cf_ray {ours[-1]:7.1f} img/s   ratio {ours[-1] / plain[-1]:.2f}x",
+              flush=True)
+    p_med, o_med = float(np.median(plain)), float(np.median(ours))
+    print(f"plain PyTorch DataLoader loop : {p_med:8.1f} img/s (median)")
+    print(f"cf_ray extract (to Parquet)   : {o_med:8.1f} img/s (median; wall time incl. actor start-up and Parquet write)")
+    print(f"ratio cf_ray / plain          : {o_med / p_med:8.2f}x (median of per-round ratios "
+          f"{float(np.median(np.array(ours) / np.array(plain))):.2f}x)")
+    print(json.dumps({"plain_img_s": [round(x, 1) for x in plain], "cf_ray_img_s": [round(x, 1) for x in ours],
                       "n": len(paths), "torch": torch.__version__, "numpy": np.__version__}))
 
 
