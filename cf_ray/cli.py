@@ -9,7 +9,7 @@ from cf_ray.sources import SourceError
 
 # The embedded demo datasets' sizes (per class), chosen so `make demo` runs in minutes on 2 CPU cores.
 DEMO_IMAGES = {"n_unlabelled": 300, "n_train": 100, "n_test": 100, "size": 32}
-DEMO_VIDEOS = {"n_unlabelled": 40, "n_train": 20, "n_test": 20, "size": 32, "frames": 16, "fps": 8}
+DEMO_VIDEOS = {"n_unlabelled": 150, "n_train": 30, "n_test": 30, "size": 16, "frames": 12, "fps": 8}
 STAGES = ("all", "pretrain", "extract", "cluster", "retrain", "transfer", "report")
 
 

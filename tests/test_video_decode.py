@@ -1,6 +1,8 @@
 """Video decoding on real files written with PyAV: sizes, frame rates, rotation, short videos, bad input."""
 from fractions import Fraction
 
+import time
+
 import numpy as np
 import pytest
 
@@ -218,10 +220,20 @@ def test_bad_input_raises_value_error_with_reason(bad_files, name, reason):
         probe_video(data)
 
 
-def test_timeout_gives_value_error(tmp_path):
-    p = write_video(tmp_path / "v.mp4", id_frames(24))
-    with pytest.raises(ValueError, match="timed out after"):
-        decode_clips(read(p), 2, 4, 1, 32, timeout_s=1e-6)
+def test_timeout_gives_value_error_and_cancels_the_worker():
+    # A decode that blocks until cancelled: deterministic, unlike racing a real decode against a tiny timeout.
+    from cf_ray.media.video import _with_timeout
+
+    seen = {}
+
+    def stuck(cancel):
+        seen["cancelled"] = cancel.wait(10)
+        return "too late"
+
+    with pytest.raises(ValueError, match="timed out after 0.05s"):
+        _with_timeout(stuck, 0.05)
+    time.sleep(0.2)
+    assert seen["cancelled"] is True
 
 
 def test_batch_udf_records_errors_instead_of_raising(bad_files):
@@ -237,7 +249,7 @@ def test_batch_udf_records_errors_instead_of_raising(bad_files):
 
 
 def test_batch_udf_in_ray_data(ray_session, tmp_path):
-    root = make_video_demo(tmp_path / "demo", n_per_class=1, size=32, frames=8, classes=("left", "right"))
+    root = make_video_demo(tmp_path / "demo", n_per_class=1, size=32, frames=8, classes=("up", "down"))
     paths = sorted(str(p) for p in root.rglob("*.mp4")) + [str(tmp_path / "missing.mp4")]
     ds = ray_session.data.from_items([{"path": p} for p in paths]).map_batches(
         decode_video_batch, fn_kwargs=dict(num_clips=2, clip_len=4, stride=1, size=16), batch_size=2, batch_format="numpy"
@@ -260,11 +272,37 @@ def circular_centroid(cover: np.ndarray) -> np.ndarray:
     return np.stack(out, -1)
 
 
-@pytest.mark.parametrize("motion,direction", [("left", (0, -1)), ("right", (0, 1)), ("up", (-1, 0)), ("down", (1, 0))])
-def test_demo_translation_classes_move_their_way(motion, direction):
-    _, cover = render_clip(motion, 32, 6, np.random.default_rng(1))
-    step = np.angle(np.exp(1j * np.diff(circular_centroid(cover), axis=0))).mean(0)  # (y, x) radians per frame
-    assert np.sign(np.round(step, 2)).tolist() == list(direction)
+def step_yx(cover: np.ndarray) -> np.ndarray:
+    """(T-1, 2) per-frame (y, x) displacement of the coverage's circular centroid, in pixels."""
+    n = cover.shape[1]
+    return np.angle(np.exp(1j * np.diff(circular_centroid(cover), axis=0))) * n / (2 * np.pi)
+
+
+@pytest.mark.parametrize("motion,direction", [("up", (-1, 0)), ("down", (1, 0))])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_demo_slides_move_their_way(motion, direction, seed):
+    _, cover = render_clip(motion, 32, 12, np.random.default_rng(seed), objects=1)
+    total = step_yx(cover)[:6].sum(0)  # before it comes to rest
+    assert np.sign(np.round(total, 1)).tolist() == list(direction)
+
+
+def test_demo_sideways_goes_left_or_right():
+    signs = set()
+    for seed in range(8):
+        _, cover = render_clip("sideways", 32, 12, np.random.default_rng(seed), objects=1)
+        dy, dx = step_yx(cover)[:6].sum(0)
+        assert abs(dx) > 3 and abs(dy) < 1
+        signs.add(int(np.sign(dx)))
+    assert signs == {-1, 1}  # mirrored clips share the class
+
+
+@pytest.mark.parametrize("motion", ["up", "down", "sideways"])
+def test_demo_slides_decelerate_to_rest(motion):
+    """The arrow of time: fast at launch, slowing every frame, at rest by the end (backwards: starts from rest)."""
+    _, cover = render_clip(motion, 64, 12, np.random.default_rng(3), objects=1)
+    speed = np.linalg.norm(step_yx(cover), axis=1)
+    assert speed[:3].mean() > 3 * max(speed[-3:].mean(), 0.05)
+    assert speed[-1] < 0.5
 
 
 def orientation(rgb: np.ndarray, cover: np.ndarray) -> np.ndarray:
@@ -275,14 +313,27 @@ def orientation(rgb: np.ndarray, cover: np.ndarray) -> np.ndarray:
     return 0.5 * np.arctan2(2 * jxy, jxx - jyy)
 
 
-@pytest.mark.parametrize("motion,sign", [("cw", 1), ("ccw", -1)])  # with y down, clockwise increases the angle
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_demo_rotation_classes_turn_their_way(motion, sign, seed):
-    rgb, cover = render_clip(motion, 64, 6, np.random.default_rng(seed))
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_demo_spin_turns_one_way_in_place_and_slows(seed):
+    rgb, cover = render_clip("spin", 128, 12, np.random.default_rng(seed), objects=1)  # large: a clean orientation
     turn = (np.diff(orientation(rgb, cover)) + np.pi / 2) % np.pi - np.pi / 2
-    assert np.sign(np.median(turn)) == sign
+    early, late = turn[:4], turn[-4:]
+    assert np.all(np.sign(early) == np.sign(early[0])) and abs(early.mean()) > 2 * abs(late.mean())
     centre = circular_centroid(cover)
-    assert np.abs(np.angle(np.exp(1j * (centre - centre[0])))).max() < 2 * np.pi * 4 / 64  # spins in place (within 4 px)
+    # Spins in place: an off-centre outline (an L) swings its centroid a little; a slide moves >= 38 px.
+    assert np.abs(np.angle(np.exp(1j * (centre - centre[0])))).max() < 2 * np.pi * 24 / 128
+
+
+def test_demo_shake_and_orbit_fade_out():
+    _, cover = render_clip("shake", 64, 12, np.random.default_rng(0), objects=1)
+    step = step_yx(cover)
+    assert np.abs(step[:, 0]).max() < 0.5 and np.abs(step[:4, 1]).sum() > 2 * np.abs(step[-4:, 1]).sum()  # horizontal, damped
+    assert (np.diff(np.sign(step[:6, 1])) != 0).any()  # goes back and forth
+    _, cover = render_clip("orbit", 64, 12, np.random.default_rng(0), objects=1)
+    step = step_yx(cover)
+    heading = np.angle(step[:6, 1] + 1j * step[:6, 0])
+    assert np.ptp(np.unwrap(heading)) > np.pi / 2  # a curved path, not a slide
+    assert np.linalg.norm(step[:3], axis=1).mean() > 3 * np.linalg.norm(step[-3:], axis=1).mean()
 
 
 def test_demo_writes_decodable_videos_per_class(tmp_path):
@@ -297,8 +348,11 @@ def test_demo_writes_decodable_videos_per_class(tmp_path):
     mtime = files[0].stat().st_mtime_ns
     make_video_demo(tmp_path / "demo", n_per_class=2, size=32, frames=12, fps=8)  # complete: nothing rewritten
     assert files[0].stat().st_mtime_ns == mtime
-    with pytest.raises(ValueError, match="even"):
-        make_video_demo(tmp_path / "odd", n_per_class=1, size=33)
+    make_video_demo(tmp_path / "demo", n_per_class=1, size=32, frames=12, fps=8, classes=("up",))  # other settings:
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == [".complete", "up"]  # the old set is replaced whole
+    assert len(list((tmp_path / "demo").rglob("*.mp4"))) == 1
+    odd = make_video_demo(tmp_path / "odd", n_per_class=1, size=15, frames=4, classes=("spin",))  # yuv444p: odd sizes work
+    assert probe_video(next(odd.rglob("*.mp4")).read_bytes())["width"] == 15
 
 
 def test_demo_splits(tmp_path):
