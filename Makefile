@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) jobs/clusterfit_image.py --demo
+	$(PY) jobs/clusterfit_video.py --demo
 
 demo-image: $(VENV)/.installed
 	$(PY) jobs/clusterfit_image.py --demo
