@@ -23,4 +23,4 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf runs data/demo
+	rm -rf runs data/demo_images data/demo_videos
