@@ -1,7 +1,7 @@
 """Clips/s of cf_ray.media.video.decode_clips vs decoding every frame with PyAV, then sampling the same clips.
 
     python benchmarks/bench_video_decode.py                                   # a generated demo set
-    python benchmarks/bench_video_decode.py --data /work/shared/data/fight_video --limit 40
+    python benchmarks/bench_video_decode.py --data ../shared/data/fight_video --limit 40
 
 Both sides produce (clips, T, size, size, 3) uint8 from bytes already in memory (file reading is not
 timed), taking every video in turn, one after the other, in one process.

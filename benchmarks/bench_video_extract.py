@@ -6,7 +6,7 @@ resized, centre crop), run the same network (same seed) with the same batch size
 contributing its N clips) and torch threads, and keep the same taps. Files are read once before either is
 timed, so both see a warm page cache. Printed: videos/s and clips/s of each, and the ratio.
 
-    python benchmarks/bench_video_extract.py --data /work/shared/data/fight_video --limit 60
+    python benchmarks/bench_video_extract.py --data ../shared/data/fight_video --limit 60
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def cf_ray_extract(manifest: str, args, layers: list[str]) -> tuple[float, dict]
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default="/work/shared/data/fight_video", help="folder of videos or a manifest with a path column")
+    p.add_argument("--data", default="../shared/data/fight_video", help="folder of videos or a manifest with a path column")
     p.add_argument("--limit", type=int, default=60, help="benchmark a seeded subset of this many videos (0: all)")
     p.add_argument("--arch", default="r2plus1d_tiny")
     p.add_argument("--width", type=int, default=16)
