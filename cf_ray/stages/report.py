@@ -131,7 +131,7 @@ def run_report(run_dir: str, title: str = "ClusterFit run") -> dict:
     if histories:
         metrics["training"] = {n: h[-1] for n, h in histories.items()}
         plot_training(histories, run.path("plots", "training.png"))
-        lines += ["## Training", "", "pretrain = the pre-trained network (RotNet unless a checkpoint was given); "
+        lines += ["## Training", "", "pretrain = the pre-trained network (the self-supervised proxy in pretrain.proxy, unless a checkpoint was given); "
                   "retrain = the ClusterFit network on the cluster ids.", "", "![training](plots/training.png)", ""]
         for n, h in histories.items():
             last = h[-1]
