@@ -124,7 +124,7 @@ class ClusterConfig(_Strict):
     seed: int = 1234
     l2_normalize: bool = True
     pca_dim: int | None = Field(None, gt=0, description="PCA-whiten to this many dims after L2 (VISSL order); none: off.")
-    max_points_per_centroid: int = Field(10_000_000, gt=0, description="faiss subsampling of the training set; large = use all rows (backend=faiss only; ray uses all rows).")
+    max_points_per_centroid: int = Field(10_000_000, gt=0, description="Train on at most k times this many rows (a seeded sample, as faiss does), then assign every row; large = use all rows.")
     backend: Literal["faiss", "ray"] = Field("faiss", description="faiss: single process on the driver; ray: rows sharded over Ray actors (cf_ray.kmeans.distributed).")
     num_actors: int = Field(2, gt=0, description="backend=ray: shard actors (at most one per feature file).")
     cpus_per_actor: float = Field(1, gt=0, description="backend=ray: CPUs per actor (also its faiss threads).")

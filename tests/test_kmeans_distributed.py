@@ -91,6 +91,26 @@ def test_objective_agrees_with_faiss_kmeans(ray_session, data, pool4, shards):
     assert set(hist[0]) >= {"iter", "obj", "imbalance", "nsplit", "empty", "time", "time_search"}
 
 
+def test_subsample_trains_like_faiss_on_the_same_sample_then_assigns_every_row(ray_session, data, pool4, tmp_path):
+    from cf_ray.kmeans.distributed import training_rows
+    from cf_ray.stages.cluster import read_assignments, run_cluster
+
+    x, _, files = data
+    conf = cfg(max_points_per_centroid=50)  # k=10: train on 500 of the 3000 rows
+    sample = training_rows(len(x), 10, 50, conf.seed)
+    assert len(sample) == 500 and len(np.unique(sample)) == 500
+    c, hist = fit_distributed(files, "res5", conf, 4, 0.25, pool=pool4)
+    xs = x[sample]
+    km = faiss.Kmeans(16, 10, niter=6, max_points_per_centroid=10**7, min_points_per_centroid=1)
+    km.train(xs, init_centroids=core.init_random(xs, 10, conf.seed))  # the same initial rows, drawn among the sample
+    for mine, ref in zip(hist, km.iteration_stats):
+        assert mine["obj"] == pytest.approx(ref["obj"], rel=1e-3)
+    assert sum(pool4.step(c, False)[1]) == len(x)  # the pool trains on all rows again afterwards
+
+    summary = run_cluster(conf.model_copy(update={"num_actors": 2, "cpus_per_actor": 0.25}), str(Path(files[0]).parent), str(tmp_path))
+    assert summary["n"] == len(x) and read_assignments(str(tmp_path)).num_rows == len(x)
+
+
 def test_same_seed_same_result_whatever_the_actor_count(ray_session, data, pool4):
     files = data[2]
     a, ha = fit_distributed(files, "res5", cfg(init="kmeans++"), 4, 0.5, pool=pool4)

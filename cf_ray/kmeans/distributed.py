@@ -101,12 +101,16 @@ class ShardActor:
         self.files, self.shard, self.use_gpu = files, shard, use_gpu
         self.ids, self.x = read_shard(files, layer, l2)
         self.token = None  # which transform self.x is in (None: only L2)
+        self._train = (None, None)  # (key of the training subset, its rows) when fitting on a subsample
         self._gpu_res = None
         self.blas_note = None if use_gpu else faiss_blas_note()
 
     def info(self) -> dict:
+        import resource
+
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "rows": len(self.x),
-                "dim": int(self.x.shape[1]), "gpu": self.use_gpu, "token": self.token, "blas_note": self.blas_note}
+                "dim": int(self.x.shape[1]), "gpu": self.use_gpu, "token": self.token, "blas_note": self.blas_note,
+                "bytes": int(self.x.nbytes), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
     def column_sum(self) -> np.ndarray:
         self._require_raw()
@@ -120,11 +124,14 @@ class ShardActor:
         self._ensure(token, transform)
         return self.x[local_idx]
 
-    def step(self, centroids: np.ndarray, token: str | None, transform: dict | None, spherical: bool):
-        """(sums float32 (k,d), counts (k,), objective, seconds) of this shard against the centroids."""
+    def step(self, centroids: np.ndarray, token: str | None, transform: dict | None, spherical: bool,
+             subset: tuple[str, np.ndarray] | None = None):
+        """(sums float32 (k,d), counts (k,), objective, seconds) of this shard's rows (or of the ``subset``
+        (key, local row indices) being trained on) against the centroids."""
         self._ensure(token, transform)
         t0 = time.time()
-        sums, counts, obj = core.partial_stats(self.x, centroids, spherical, self._index(centroids, spherical))
+        x = self._subset_rows(subset) if subset is not None else self.x
+        sums, counts, obj = core.partial_stats(x, centroids, spherical, self._index(centroids, spherical))
         return sums.astype(np.float32), counts, obj, time.time() - t0
 
     def write_assignments(self, centroids: np.ndarray, token: str | None, transform: dict | None, spherical: bool, path: str):
@@ -137,6 +144,13 @@ class ShardActor:
         pq.write_table(table, sink)
         storage.write_bytes(path, sink.getvalue().to_pybytes())
         return np.bincount(labels, minlength=len(centroids)), float(dist.astype(np.float64).sum())
+
+    def _subset_rows(self, subset: tuple[str, np.ndarray]) -> np.ndarray:
+        """The training subsample, copied once (it is small next to the shard) and kept for later iterations."""
+        key, idx = subset
+        if self._train[0] != (key, self.token):
+            self._train = ((key, self.token), np.ascontiguousarray(self.x[idx]))
+        return self._train[1]
 
     def _sq_dist(self, labels, ip, centroids) -> np.ndarray:
         c2 = np.einsum("ij,ij->i", centroids, centroids)
@@ -225,6 +239,7 @@ class ShardPool:
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
         self.n, self.d = int(self.offsets[-1]), int(infos[0]["dim"])
         self.token, self._transform_ref, self.transform = None, None, None
+        self._subset_refs = None  # per-shard (key, local indices) while training on a subsample
         log(f"kmeans[ray]: {self.n} rows x {self.d} ({layer}) in {len(self.files)} files on {len(self.actors)} actor(s), "
             f"{cpus_per_actor} CPU{' + 1 GPU' if self.gpu else ''} each")
         for note in sorted({i["blas_note"] for i in infos if i["blas_note"]}):
@@ -302,10 +317,22 @@ class ShardPool:
             out[shard == i] = p
         return out
 
+    def set_subset(self, global_idx: np.ndarray | None) -> None:
+        """Train on these rows only (global indices, as faiss's max_points_per_centroid sample); None: all rows."""
+        if global_idx is None:
+            self._subset_refs = None
+            return
+        global_idx = np.sort(np.asarray(global_idx, dtype=np.int64))
+        key = hashlib.sha1(global_idx.tobytes()).hexdigest()[:16]
+        shard = np.searchsorted(self.offsets, global_idx, side="right") - 1
+        self._subset_refs = [ray.put((key, global_idx[shard == i] - self.offsets[i])) for i in range(len(self.parts))]
+
     def step(self, centroids: np.ndarray, spherical: bool) -> tuple[np.ndarray, np.ndarray, float, float]:
         """Combined (sums float64, counts, objective, slowest shard's seconds) of one Lloyd iteration."""
         ref = ray.put(np.ascontiguousarray(centroids, dtype=np.float32))
-        return self.call("step", ref, self.token, self._transform_ref, spherical, combine=_add_step)
+        subsets = self._subset_refs
+        return self.call("step", ref, self.token, self._transform_ref, spherical,
+                         per_shard=(lambda i: (subsets[i],)) if subsets else None, combine=_add_step)
 
     def write_assignments(self, out_dir: str, centroids: np.ndarray, spherical: bool) -> tuple[np.ndarray, float]:
         """Every actor writes ``out_dir/part-NNNNN.parquet``; returns (cluster sizes, summed squared distance)."""
@@ -335,13 +362,24 @@ def _seed(seed: int) -> int:
     return seed & 0xFFFFFFFF
 
 
-def initial_centroids(pool: ShardPool, k: int, init: str, seed: int) -> np.ndarray:
-    """'random': k distinct seeded rows (== core.init_random on all rows); 'kmeans++': on a seeded sample."""
+def training_rows(n: int, k: int, max_points_per_centroid: int, seed: int) -> np.ndarray | None:
+    """faiss's subsampling: above k * max_points_per_centroid rows, train on a seeded sample of that many."""
+    m = k * max_points_per_centroid
+    return None if n <= m else np.sort(core.sample_indices(n, m, _seed(seed)))
+
+
+def initial_centroids(pool: ShardPool, k: int, init: str, seed: int, among: np.ndarray | None = None) -> np.ndarray:
+    """'random': k distinct seeded rows (== core.init_random on all rows); 'kmeans++': on a seeded sample.
+
+    With ``among`` (global indices of the training subsample) the rows are drawn from those only.
+    """
+    n = pool.n if among is None else len(among)
+    pick = (lambda idx: idx) if among is None else (lambda idx: among[idx])
     if init == "random":
-        return pool.rows(core.sample_indices(pool.n, k, _seed(seed)))
+        return pool.rows(pick(core.sample_indices(n, k, _seed(seed))))
     if init == "kmeans++":
-        m = min(pool.n, max(KPP_SAMPLE_PER_CLUSTER * k, 10_000))
-        return core.init_kmeanspp(pool.rows(core.sample_indices(pool.n, m, _seed(seed))), k, _seed(seed))
+        m = min(n, max(KPP_SAMPLE_PER_CLUSTER * k, 10_000))
+        return core.init_kmeanspp(pool.rows(pick(core.sample_indices(n, m, _seed(seed)))), k, _seed(seed))
     raise ValueError(f"unknown init {init!r}; use 'random' or 'kmeans++'")
 
 
@@ -359,10 +397,16 @@ def _fingerprint(pool: ShardPool, cfg, init_centroids: np.ndarray | None) -> dic
     return {
         "files": [os.path.basename(f) for f in pool.files], "n": pool.n, "layer": pool.layer, "k": cfg.k, "seed": cfg.seed,
         "init": cfg.init, "init_centroids": given, "spherical": cfg.spherical, "l2_normalize": cfg.l2_normalize, "pca_dim": cfg.pca_dim,
+        "max_points_per_centroid": cfg.max_points_per_centroid,
     }
 
 
 def _start(pool: ShardPool, cfg, checkpoint_uri: str | None, init_centroids: np.ndarray | None, fingerprint: dict) -> ckpt.FitState:
+    subset = training_rows(pool.n, cfg.k, cfg.max_points_per_centroid, cfg.seed)
+    pool.set_subset(subset)
+    if subset is not None:
+        log(f"kmeans[ray]: training on a seeded sample of {len(subset)} of {pool.n} rows (max_points_per_centroid="
+            f"{cfg.max_points_per_centroid}); every row is assigned at the end")
     state = ckpt.load_state(checkpoint_uri, fingerprint) if checkpoint_uri else None
     if state is not None:
         pool.set_transform(state.transform)
@@ -374,7 +418,7 @@ def _start(pool: ShardPool, cfg, checkpoint_uri: str | None, init_centroids: np.
         if c.shape != (cfg.k, pool.d):
             raise ValueError(f"init_centroids has shape {c.shape}, expected ({cfg.k}, {pool.d})")
     else:
-        c = initial_centroids(pool, cfg.k, cfg.init, cfg.seed)
+        c = initial_centroids(pool, cfg.k, cfg.init, cfg.seed, among=subset)
     state = ckpt.FitState(0, c, [], False, pool.transform)
     if checkpoint_uri:
         if pool.transform is not None:
@@ -408,7 +452,9 @@ def fit_distributed(files: list[str], layer: str, cfg, num_actors: int, cpus_per
                     callback: Callable[[dict], None] | None = None) -> tuple[np.ndarray, list[dict]]:
     """Lloyd's k-means over Ray actors; returns (centroids float32 (k, d'), per-iteration history).
 
-    ``cfg`` is a ClusterConfig (k, niter, seed, tol, init, spherical, l2_normalize, pca_dim are used).
+    ``cfg`` is a ClusterConfig (k, niter, seed, tol, init, spherical, l2_normalize, pca_dim and
+    max_points_per_centroid are used: above k * max_points_per_centroid rows the iterations run on a
+    seeded sample of that many rows, as faiss does; PCA is fitted on all rows).
     History records (as faiss's iteration_stats): obj (before the update), imbalance, nsplit, empty,
     time, time_search. With ``checkpoint_uri`` every iteration is saved and a rerun resumes from it.
     Pass ``pool`` to reuse loaded actors (then files, layer, num_actors and cpus_per_actor come from it,
@@ -437,5 +483,6 @@ def fit_distributed(files: list[str], layer: str, cfg, num_actors: int, cpus_per
                 callback(rec)
         return state.centroids, state.history
     finally:
+        pool.set_subset(None)
         if own:
             pool.shutdown()

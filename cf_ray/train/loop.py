@@ -200,6 +200,8 @@ def training_dataset(items: pa.Table, media: ImageConfig | VideoConfig, seed: in
     from cf_ray.stages.extract import decoder, items_dataset
 
     order = np.random.default_rng(seed).permutation(items.num_rows)  # avoid class-sorted blocks
+    if isinstance(media, VideoConfig):
+        block_rows = min(block_rows, 64)  # a video block is one decode task: small blocks decode in parallel
     ds = items_dataset(items.take(order), block_rows)
     decode, kwargs, column = decoder(media)
     if isinstance(media, VideoConfig):
