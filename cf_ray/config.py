@@ -75,20 +75,45 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(5e-4, ge=0)
     warmup_epochs: int = Field(1, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    balanced_sampling: bool = Field(False, description="Sample uniformly over pseudo-labels (DeepCluster's UnifLabelSampler).")
+    sampling: Literal["natural", "uniform"] = Field(
+        "natural", description="Retraining on cluster ids: natural: every item once per epoch; uniform: every non-empty cluster "
+        "equally likely (DeepCluster's UnifLabelSampler, drawn on each worker's stream; empty clusters ignored)."
+    )
+    class_weighted_loss: bool = Field(
+        False, description="Retraining on cluster ids: weight the cross-entropy by inverse cluster size (the loss-side "
+        "equivalent of sampling=uniform; the old key balanced_sampling sets this)."
+    )
     num_workers: int = Field(1, gt=0, description="Ray Train workers.")
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: Literal["auto", "yes", "no"] = Field("auto", description="auto: a GPU per worker when the cluster has GPUs.")
     max_failures: int = Field(2, ge=-1, description="Worker failures tolerated (restart from the last checkpoint).")
-    keep_checkpoints: int = Field(2, gt=0)
+    keep_checkpoints: int = Field(
+        2, gt=0, description="Checkpoints kept under the storage path: this many with the best training accuracy, plus always "
+        "the latest (the resume point)."
+    )
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_balanced_sampling(cls, data):
+        """Configs written before `sampling` existed: balanced_sampling meant loss weights."""
+        if isinstance(data, dict) and "balanced_sampling" in data:
+            data = dict(data)
+            data.setdefault("class_weighted_loss", data.pop("balanced_sampling"))
+        return data
 
 
 class PretrainConfig(_Strict):
     """Where the pre-trained network comes from."""
 
-    source: Literal["rotnet", "checkpoint", "torchvision"] = Field(
-        "rotnet", description="rotnet: self-supervised pre-training here (task: pretrain.proxy); checkpoint: a state_dict file; torchvision: weights in the local torch cache."
+    source: Literal["rotnet", "labels", "checkpoint", "torchvision"] = Field(
+        "rotnet", description="rotnet: self-supervised pre-training here (task: pretrain.proxy); labels: weakly supervised "
+        "pre-training on the source's class-folder labels (the only mode that reads them), pretrain.label_noise of them "
+        "flipped; checkpoint: a state_dict file; torchvision: weights in the local torch cache."
+    )
+    label_noise: float = Field(
+        0.0, ge=0, lt=1, description="source=labels: this fraction of the source labels, drawn with seed, is replaced by a "
+        "different class drawn uniformly (the weakly supervised setting)."
     )
     proxy: Literal["rotation", "arrow_of_time"] = Field(
         "rotation", description="Self-supervised task for source=rotnet: rotation (RotNet; 3D RotNet on clips) or arrow_of_time (video: forward vs backward)."
@@ -100,6 +125,8 @@ class PretrainConfig(_Strict):
     def _checkpoint_given(self) -> "PretrainConfig":
         if self.source == "checkpoint" and not self.checkpoint:
             raise ValueError("pretrain.source=checkpoint needs pretrain.checkpoint=<path to state_dict>")
+        if self.label_noise and self.source != "labels":
+            raise ValueError("pretrain.label_noise applies only to pretrain.source=labels")
         return self
 
 

@@ -83,6 +83,9 @@ def check_inputs(cfg: JobConfig) -> dict[str, tuple[pa.Table, pa.Table]]:
         keep = np.sort(np.random.default_rng(cfg.seed).choice(source.num_rows, cfg.data_limit, replace=False))
         source = source.take(keep)
     train, test, skipped_t = load_target(cfg.target, cfg.probe.test_fraction, cfg.seed, exts)
+    if cfg.pretrain.source == "labels" and source["label"].null_count:
+        raise ConfigError(f"pretrain.source=labels needs a label for every source item, but {source['label'].null_count} "
+                          f"in {cfg.data} have none; put the images in one folder per class")
     if cfg.cluster.k > source.num_rows:
         raise ConfigError(f"cluster.k={cfg.cluster.k} is larger than the {source.num_rows} {cfg.modality}s in {cfg.data}; "
                           f"set cluster.k <= {source.num_rows}")
@@ -90,6 +93,31 @@ def check_inputs(cfg: JobConfig) -> dict[str, tuple[pa.Table, pa.Table]]:
         f"{test.num_rows} test ({skipped_t.num_rows} skipped)")
     empty = skipped.schema.empty_table()
     return {"source": (source, skipped), "target_train": (train, skipped_t), "target_test": (test, empty)}
+
+
+def check_cluster(cfg: JobConfig) -> None:
+    """What the job asks of a local Ray it started, checked before any stage: Ray would wait forever for
+    CPUs or GPUs a local machine does not have. (A cluster joined via RAY_ADDRESS may autoscale; not checked.)"""
+    import os
+
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    res = ray.cluster_resources()
+    cpus, gpus = res.get("CPU", 0), res.get("GPU", 0)
+    asks = [("retrain", cfg.retrain.use_gpu, cfg.retrain.num_workers, cfg.retrain.cpus_per_worker, "num_workers", "cpus_per_worker"),
+            ("extract", cfg.extract.use_gpu, cfg.extract.num_actors, cfg.extract.cpus_per_actor, "num_actors", "cpus_per_actor")]
+    if cfg.pretrain.source not in ("checkpoint", "torchvision"):
+        t = cfg.pretrain.train
+        asks.insert(0, ("pretrain.train", t.use_gpu, t.num_workers, t.cpus_per_worker, "num_workers", "cpus_per_worker"))
+    for key, use_gpu, n, per, n_key, per_key in asks:
+        if use_gpu == "yes" and n > gpus:
+            raise ConfigError(f"{key}.use_gpu=yes asks for {n} GPU(s) but this machine's Ray has {gpus:g}; "
+                              f"set {key}.use_gpu=auto (GPU where present) or no")
+        if n * per > cpus:
+            raise ConfigError(f"{key} asks for {n} x {per:g} CPUs but this machine's Ray has {cpus:g}; "
+                              f"lower {key}.{n_key} or {key}.{per_key} (or raise ray.num_cpus)")
 
 
 def stage_items(run: RunDir, paths: Paths, inputs: dict) -> dict:
@@ -115,14 +143,34 @@ def stage_pretrain(cfg: JobConfig, run: RunDir, paths: Paths) -> dict:
         load_torchvision_weights(model, model_cfg.arch)
         save_backbone(model, model_cfg, paths.model("pretrained"))
         return {"source": "torchvision", "arch": model_cfg.arch}
-    items = read_items(paths.items("source"))
-    items = items.append_column("target", pa.array(np.zeros(items.num_rows, np.int64)))
-    from cf_ray.train.loop import PROXY_TASKS
-
-    res = train_classifier(cfg.pretrain.train, cfg.media, items, cfg.pretrain.proxy, PROXY_TASKS[cfg.pretrain.proxy], paths.train, "pretrain",
+    items, task, classes, extra = pretrain_targets(cfg, read_items(paths.items("source")))
+    res = train_classifier(cfg.pretrain.train, cfg.media, items, task, classes, paths.train, "pretrain",
                            paths.model("pretrained"), threads=_threads(cfg))
     run.record_errors(res["undecodable"], "decode", "source")
-    return {"source": "rotnet", "proxy": cfg.pretrain.proxy, "history": res["history"], "items": res["rows"]}
+    return {"source": cfg.pretrain.source, "proxy": task, **extra, "history": res["history"], "items": res["rows"]}
+
+
+def pretrain_targets(cfg: JobConfig, items: pa.Table) -> tuple[pa.Table, str, int, dict]:
+    """(items with a target column, task, number of classes, what to record) for pre-training on the source."""
+    from cf_ray.train.loop import PROXY_TASKS
+
+    if cfg.pretrain.source != "labels":
+        return (items.append_column("target", pa.array(np.zeros(items.num_rows, np.int64))), cfg.pretrain.proxy,
+                PROXY_TASKS[cfg.pretrain.proxy], {})
+    classes = sorted(set(items["label"].to_pylist()))
+    truth = np.array([classes.index(l) for l in items["label"].to_pylist()], np.int64)
+    target = noisy_labels(truth, len(classes), cfg.pretrain.label_noise, cfg.seed)
+    extra = {"classes": classes, "label_noise": cfg.pretrain.label_noise, "flipped": int((target != truth).sum())}
+    return items.append_column("target", pa.array(target)), "labels", len(classes), extra
+
+
+def noisy_labels(truth: np.ndarray, num_classes: int, fraction: float, seed: int) -> np.ndarray:
+    """A seeded ``fraction`` of the labels replaced by a different class, drawn uniformly."""
+    rng = np.random.default_rng(seed)
+    out = truth.copy()
+    flip = rng.choice(len(truth), int(round(fraction * len(truth))), replace=False)
+    out[flip] = (truth[flip] + rng.integers(1, num_classes, len(flip))) % num_classes
+    return out
 
 
 def _threads(cfg: JobConfig) -> int:
@@ -141,18 +189,25 @@ def stage_extract(cfg: JobConfig, run: RunDir, paths: Paths, model: str, dataset
 
 
 def stage_cluster(cfg: JobConfig, paths: Paths) -> dict:
+    res = run_cluster(cfg.cluster, paths.features("pretrained", "source"), paths.cluster)
+    return {**res, **cluster_quality(read_items(paths.items("source")), read_assignments(paths.cluster))}
+
+
+def cluster_quality(items: pa.Table, assignments: pa.Table) -> dict:
+    """NMI, ARI and purity of the clusters against the items' true labels, where they have any ({} otherwise).
+
+    Source labels are never used for ClusterFit's training; where they exist they show cluster quality."""
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-    res = run_cluster(cfg.cluster, paths.features("pretrained", "source"), paths.cluster)
-    # Source labels are never used for training; where they exist they show cluster quality.
-    items = read_items(paths.items("source"))
-    if items["label"].null_count < items.num_rows:
-        a = read_assignments(paths.cluster)
-        labels = dict(zip(items["id"].to_pylist(), items["label"].to_pylist()))
-        truth = [labels[i] for i in a["id"].to_pylist()]
-        pred = a["cluster"].to_pylist()
-        res = {**res, "nmi": float(normalized_mutual_info_score(truth, pred)), "ari": float(adjusted_rand_score(truth, pred))}
-    return res
+    if items["label"].null_count == items.num_rows:
+        return {}
+    labels = dict(zip(items["id"].to_pylist(), items["label"].to_pylist()))
+    truth = np.unique([labels[i] for i in assignments["id"].to_pylist()], return_inverse=True)[1]
+    pred = assignments["cluster"].to_numpy()
+    c = int(truth.max()) + 1
+    table = np.bincount(pred * c + truth, minlength=(int(pred.max()) + 1) * c).reshape(-1, c)  # cluster x class counts
+    return {"nmi": float(normalized_mutual_info_score(truth, pred)), "ari": float(adjusted_rand_score(truth, pred)),
+            "purity": float(table.max(1).sum() / len(pred))}
 
 
 def stage_retrain(cfg: JobConfig, run: RunDir, paths: Paths) -> dict:
@@ -162,13 +217,9 @@ def stage_retrain(cfg: JobConfig, run: RunDir, paths: Paths) -> dict:
     items = read_items(paths.items("source")).join(a.select(["id", "cluster"]), "id", join_type="inner")
     items = items.sort_by("id").rename_columns([c if c != "cluster" else "target" for c in items.column_names])
     counts = np.bincount(items["target"].to_numpy(), minlength=cfg.cluster.k)
-    weights = None
-    if cfg.retrain.balanced_sampling:
-        nonempty = max(1, int((counts > 0).sum()))
-        weights = [float(items.num_rows / (nonempty * c)) if c else 0.0 for c in counts]
     res = train_classifier(cfg.retrain, cfg.media, items, "labels", cfg.cluster.k, paths.train, "retrain",
-                           paths.model("clusterfit"), class_weights=weights, threads=_threads(cfg))
-    return {"history": res["history"], "items": res["rows"], "classes": int((counts > 0).sum())}
+                           paths.model("clusterfit"), threads=_threads(cfg))
+    return {"history": res["history"], "items": res["rows"], "classes": int((counts > 0).sum()), "best": res["best"]}
 
 
 def stage_transfer(cfg: JobConfig, paths: Paths) -> dict:
@@ -193,8 +244,9 @@ def run_job(cfg: JobConfig) -> dict:
     except OSError as e:
         raise ConfigError(f"run_dir {cfg.run_dir} is not writable ({e}); pass --run-dir <a writable path or URI>") from None
     paths = Paths(run)
-    run.stage("items", lambda: stage_items(run, paths, inputs))
     init_ray(cfg.ray.num_cpus, cfg.ray.object_store_mb)
+    check_cluster(cfg)
+    run.stage("items", lambda: stage_items(run, paths, inputs))
     run.stage("pretrain", lambda: stage_pretrain(cfg, run, paths))
     run.stage("extract_source", lambda: stage_extract(cfg, run, paths, "pretrained", "source"))
     run.stage("cluster", lambda: stage_cluster(cfg, paths))

@@ -7,6 +7,8 @@ single-device PyTorch; Ray Train adds the workers, DDP, checkpoints and restarts
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
@@ -23,6 +25,7 @@ from cf_ray import storage
 from cf_ray.config import ImageConfig, TrainConfig, VideoConfig
 from cf_ray.rundir import log
 from cf_ray.runtime import want_gpu
+from cf_ray.train.sampling import balance_rates, uniform_over_classes
 
 STATE = "state.pt"
 HISTORY = "history.json"
@@ -78,6 +81,42 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def param_digest(model: nn.Module) -> str:
+    """SHA-1 of every parameter's bytes (not buffers: BatchNorm statistics are per rank until DDP broadcasts them)."""
+    h = hashlib.sha1()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, peak_lr: float) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum (VISSL's ClusterFit recipe) or AdamW; no weight decay on norms and biases."""
+    params_bn = [p for p in model.parameters() if p.ndim <= 1]
+    params_w = [p for p in model.parameters() if p.ndim > 1]
+    groups = [{"params": params_w, "weight_decay": cfg.weight_decay}, {"params": params_bn, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=peak_lr)
+    return torch.optim.SGD(groups, lr=peak_lr, momentum=cfg.momentum, nesterov=True)
+
+
+def _gather(obj, world: int) -> list:
+    """Every rank's ``obj`` on every rank (gloo/nccl process group of Ray Train)."""
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class _Epoch:
+    """One epoch's running totals on one rank."""
+
+    def __init__(self):
+        self.t0, self.seen, self.loss_sum, self.correct, self.n_out = time.time(), 0, 0.0, 0, 0
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch as rtt
@@ -93,7 +132,13 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, config.get("threads") or int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)  # same initial weights on every rank; DDP also broadcasts them
-    model = rtt.prepare_model(Classifier(build(cfg.model), num_classes))
+    net = Classifier(build(cfg.model), num_classes)
+    if config.get("init_from"):  # start from a saved classifier (continued pre-training), head included
+        import io
+
+        net.load_state_dict(torch.load(io.BytesIO(storage.read_bytes(config["init_from"])), map_location="cpu", weights_only=True)["model"])
+    model = rtt.prepare_model(net)
+    inner = model.module if hasattr(model, "module") else model
     device = rtt.get_device()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -101,84 +146,92 @@ def train_loop_per_worker(config: dict) -> None:
     per_image = 4 if task == "rotation" else 1
     global_batch = cfg.batch_size * world * per_image
     peak_lr = cfg.lr * global_batch / 256
-    params_bn = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    params_w = [p for n, p in model.named_parameters() if p.ndim > 1]
-    groups = [{"params": params_w, "weight_decay": cfg.weight_decay}, {"params": params_bn, "weight_decay": 0.0}]
-    if cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(groups, lr=peak_lr)
-    else:
-        opt = torch.optim.SGD(groups, lr=peak_lr, momentum=cfg.momentum, nesterov=True)
+    opt = build_optimizer(model, cfg, peak_lr)
     weight = torch.tensor(class_weights, dtype=torch.float32, device=device) if class_weights else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    rates = torch.tensor(config["draw_rates"], dtype=torch.float32) if config.get("draw_rates") else None
+    step_hook = config.get("step_hook")
 
-    start_epoch, history = 0, []
+    start_epoch, history, resumed_from = 0, [], None
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             state = torch.load(os.path.join(d, STATE), map_location=device, weights_only=True)
             history = json.load(open(os.path.join(d, HISTORY)))
-        model.load_state_dict(state["model"]) if world == 1 else model.module.load_state_dict(state["model"])
+        inner.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        start_epoch = state["epoch"] + 1
+        start_epoch = resumed_from = state["epoch"] + 1
         if rank == 0:
             print(f"[cf_ray] resuming {config['name']} after epoch {start_epoch} (from its last checkpoint)", flush=True)
 
     shard = ray.train.get_dataset_shard("train")
     steps_per_epoch = max(1, math.ceil(config["rows"] / (cfg.batch_size * world)))
     total_steps, warmup_steps = steps_per_epoch * cfg.epochs, steps_per_epoch * cfg.warmup_epochs
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    gen = torch.Generator()
     for epoch in range(start_epoch, cfg.epochs):
         gen.manual_seed(cfg.seed * 100003 + epoch * 1009 + rank)
         model.train()
-        t0, seen, loss_sum, correct, n_out = time.time(), 0, 0.0, 0, 0
-        last_print = t0
+        ep, last_print = _Epoch(), time.time()
         step = epoch * steps_per_epoch
-        for batch in shard.iter_torch_batches(batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.batch_size * 4,
-                                              local_shuffle_seed=cfg.seed + epoch, drop_last=False):
-            pixels = batch[column].numpy()
-            if column == "clips":
-                pixels = pixels[:, 0]  # one random clip per video and epoch
-            x = normalize(pixels, media.mean, media.std)
-            x = augment(x, gen)
-            y = batch["target"].long()
-            if task == "rotation":
-                x, y = rotate4(x)
-            elif task == "arrow_of_time":
-                x, y = arrow_of_time(x, gen)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(min(step, total_steps - 1), total_steps, warmup_steps, peak_lr)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(x)
-                loss = loss_fn(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            seen += len(batch["target"])
-            loss_sum += loss.detach().item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            n_out += len(y)
-            if rank == 0 and time.time() - last_print > 30:
-                last_print = time.time()
-                print(f"[cf_ray] {config['name']} epoch {epoch + 1}: {seen * world}/{config['rows']} items, "
-                      f"loss {loss_sum / n_out:.4f}, {seen * world / (last_print - t0):.0f} items/s", flush=True)
-        secs = time.time() - t0
+        batches = shard.iter_torch_batches(batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.batch_size * 4,
+                                           local_shuffle_seed=cfg.seed + epoch, drop_last=False)
+        if rates is not None:
+            batches = uniform_over_classes(batches, rates, gen, cfg.batch_size)
+        # Uniform sampling gives ranks unequal numbers of batches; DDP's Join lets the early ones shadow the rest.
+        uneven = model.join() if world > 1 and rates is not None else contextlib.nullcontext()
+        with uneven:
+            for batch in batches:
+                pixels = batch[column].numpy()
+                if column == "clips":
+                    pixels = pixels[:, 0]  # one random clip per video and epoch
+                x = augment(normalize(pixels, media.mean, media.std), gen)
+                y = batch["target"]
+                soft = y.is_floating_point()  # distillation: a probability vector per item (per rotation for RotNet)
+                y = y.float() if soft else y.long()
+                if task == "rotation":
+                    x, y_rot = rotate4(x)
+                    y = torch.cat(list(y.view(len(y), 4, 4).unbind(1))) if soft else y_rot
+                elif task == "arrow_of_time":
+                    x, y = arrow_of_time(x, gen)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(min(step, total_steps - 1), total_steps, warmup_steps, peak_lr)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    logits = model(x)
+                    loss = loss_fn(logits.float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                ep.seen += len(batch["target"])
+                ep.loss_sum += loss.detach().item() * len(y)
+                ep.correct += int((logits.argmax(1) == (y.argmax(1) if soft else y)).sum())
+                ep.n_out += len(y)
+                if step_hook is not None:
+                    step_hook(epoch + 1, step, rank)
+                if rank == 0 and time.time() - last_print > 30:
+                    last_print = time.time()
+                    print(f"[cf_ray] {config['name']} epoch {epoch + 1}: ~{ep.seen * world}/{config['rows']} items, "
+                          f"loss {ep.loss_sum / ep.n_out:.4f}, {ep.seen * world / (last_print - ep.t0):.0f} items/s", flush=True)
+        secs = time.time() - ep.t0
+        ranks = _gather({"digest": param_digest(inner), "seen": ep.seen}, world)
         metrics = {
             "epoch": epoch + 1,
-            "loss": loss_sum / max(1, n_out),
-            "acc": correct / max(1, n_out),
-            "items_per_s": seen * world / max(secs, 1e-9),
+            "loss": ep.loss_sum / max(1, ep.n_out),
+            "acc": ep.correct / max(1, ep.n_out),
+            "items_per_s": sum(r["seen"] for r in ranks) / max(secs, 1e-9),
             "lr": opt.param_groups[0]["lr"],
             "seconds": secs,
+            "rank_digests": [r["digest"] for r in ranks],  # SHA-1 of each rank's parameters: equal under DDP
         }
+        if epoch == start_epoch and resumed_from is not None:
+            metrics["resumed_from_epoch"] = resumed_from  # the first epoch after a restart or a rerun
         history.append(metrics)
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
-                inner = model.module if hasattr(model, "module") else model
                 torch.save({"model": inner.state_dict(), "opt": opt.state_dict(), "epoch": epoch}, os.path.join(d, STATE))
                 json.dump(history, open(os.path.join(d, HISTORY), "w"))
                 checkpoint = ray.train.Checkpoint.from_directory(d)
@@ -218,14 +271,26 @@ def training_dataset(items: pa.Table, media: ImageConfig | VideoConfig, seed: in
 
 def train_classifier(
     cfg: TrainConfig, media: ImageConfig | VideoConfig, items: pa.Table, task: str, num_classes: int,
-    storage_path: str, name: str, model_uri: str, class_weights: list[float] | None = None, threads: int = 0,
+    storage_path: str, name: str, model_uri: str, threads: int = 0, step_hook=None, init_from: str | None = None,
 ) -> dict:
-    """Train on ``items`` (id, path, target) and save the backbone to ``model_uri``; returns history."""
+    """Train on ``items`` (id, path, target) and save the final backbone to ``model_uri``.
+
+    task: rotation / arrow_of_time (proxy targets made on the fly) or labels (``target`` is the class; with
+    cfg.sampling=uniform or cfg.class_weighted_loss the classes are balanced, empty ones ignored).
+    A float ``target`` (a list per item) is a soft target for distillation: class probabilities, or for
+    rotation 4x4 (per rotation of the item, the teacher's probabilities over the 4 rotations), flattened.
+    init_from: a training state file (``state.pt`` of a checkpoint) to start from, head included.
+    step_hook(epoch, step, rank), if given, runs on every worker after each optimizer step (fault-injection
+    tests use it). Returns {history, rows, undecodable, best}.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from cf_ray.models.checkpoint import build, save_backbone
 
+    balance = None
+    if task == "labels" and (cfg.sampling == "uniform" or cfg.class_weighted_loss):
+        balance = balance_rates(np.bincount(items["target"].to_numpy(), minlength=num_classes))
     ds, bad, rows = training_dataset(items, media, cfg.seed)
     if rows == 0:
         raise ValueError(f"{name}: none of the {items.num_rows} training images could be decoded")
@@ -236,8 +301,10 @@ def train_classifier(
         train_loop_per_worker,
         train_loop_config={
             "train": cfg.model_dump(mode="json"), "media": media.model_dump(mode="json"), "task": task,
-            "modality": "video" if isinstance(media, VideoConfig) else "image",
-            "num_classes": num_classes, "class_weights": class_weights, "rows": rows, "name": name, "threads": threads,
+            "modality": "video" if isinstance(media, VideoConfig) else "image", "num_classes": num_classes,
+            "class_weights": balance if cfg.class_weighted_loss else None,
+            "draw_rates": balance if cfg.sampling == "uniform" else None,
+            "rows": rows, "name": name, "threads": threads, "step_hook": step_hook, "init_from": init_from,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=gpu, resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpu else {})}
@@ -245,7 +312,9 @@ def train_classifier(
         run_config=RunConfig(
             name=name,
             storage_path=storage.absolute(storage_path),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            # Ray keeps the num_to_keep best by the score and always the latest (the resume point).
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="acc",
+                                               checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
         datasets={"train": ds},
@@ -259,5 +328,6 @@ def train_classifier(
     model = Classifier(build(cfg.model), num_classes)
     model.load_state_dict(state["model"])
     save_backbone(model.backbone, cfg.model, model_uri)
-    return {"history": history, "rows": rows, "undecodable": bad}
-
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["acc"])
+    best = {"epoch": best_metrics["epoch"], "acc": best_metrics["acc"], "checkpoint": best_ckpt.path}
+    return {"history": history, "rows": rows, "undecodable": bad, "best": best}
