@@ -1,9 +1,12 @@
 """Paths and URIs (local, s3://, gs://...) through pyarrow.fs, so every stage reads and writes both."""
 from __future__ import annotations
 
+import functools
 import json
+import os
 import posixpath
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
@@ -12,8 +15,24 @@ def is_uri(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
+# Credentials and endpoint come from the environment (instance profile, AWS_* / GOOGLE_* variables);
+# the endpoint and key id are part of the cache key so a changed environment gets a new filesystem.
+_CREDENTIAL_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_PROFILE")
+
+
+@functools.lru_cache(maxsize=32)
+def _bucket_filesystem(bucket_uri: str, _env: tuple) -> pafs.FileSystem:
+    return pafs.FileSystem.from_uri(bucket_uri)[0]
+
+
 def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     if is_uri(path):
+        u = urlsplit(path)
+        if u.scheme in ("s3", "gs", "gcs") and not u.query:
+            # from_uri asks S3 for the bucket's region on every call: once per bucket is enough (decode reads
+            # every image through here).
+            env = tuple(os.environ.get(k, "") for k in _CREDENTIAL_ENV)
+            return _bucket_filesystem(f"{u.scheme}://{u.netloc}", env), (u.netloc + u.path).rstrip("/")
         return pafs.FileSystem.from_uri(path)
     if path.startswith("file://"):
         path = path[len("file://"):]

@@ -1,24 +1,37 @@
-"""`ray job submit` against a real head node on loopback, with token authentication on, as on a cluster."""
+"""`ray job submit` against a real head node on loopback, as on a cluster: token authentication on, the job reads its
+input from and writes every output to S3 (a real S3-compatible server on loopback)."""
+import io
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
+import torch
 
+from cf_ray.config import ModelConfig
 from cf_ray.demo import make_demo_splits
+from cf_ray.models.checkpoint import build
 from loopback_head import LoopbackHead
+from s3_server import LoopbackS3
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
-    "image.size=16", "pretrain.train.model.width=4", "retrain.model.width=4", "pretrain.train.epochs=1",
-    "retrain.epochs=1", "pretrain.train.batch_size=32", "retrain.batch_size=32", "extract.block_rows=64",
-    "cluster.k=4", "cluster.niter=5", "probe.epochs=10", "probe.weight_decays=[0.001]", "probe.layers=[res5]",
-    "extract.layers=[res5]", "pretrain.train.max_failures=0", "retrain.max_failures=0",
+    "image.size=16", "pretrain.train.model.width=4", "retrain.model.width=4", "retrain.epochs=1", "retrain.batch_size=32",
+    "extract.block_rows=64", "extract.layers=[res5]", "cluster.k=4", "cluster.niter=5", "probe.epochs=10",
+    "probe.layers=[res5]", "probe.weight_decays=[0.001]", "retrain.max_failures=0",
 ]
 
 
 @pytest.fixture(scope="module")
-def head():
-    h = LoopbackHead(auth_mode="token")
+def s3():
+    server = LoopbackS3()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def head(s3):
+    h = LoopbackHead(auth_mode="token", extra_env=s3.env)  # S3 credentials on the node, as an instance profile gives them
     yield h
     h.stop()
 
@@ -28,17 +41,33 @@ def test_token_auth_refuses_a_wrong_token(head):
     assert r.returncode != 0 and "token" in (r.stdout + r.stderr).lower()
 
 
-def test_image_job_through_ray_job_submit(head, tmp_path):
+def test_image_job_through_ray_job_submit_on_s3(head, s3, tmp_path):
     data, target = make_demo_splits(tmp_path / "data", n_unlabelled=4, n_train=3, n_test=2, size=16)
-    run_dir = tmp_path / "run"  # absolute: the job runs in a copy of the working dir
-    head.submit(["python", "jobs/clusterfit_image.py", "--data", str(data), "--target", str(target), "--run-dir", str(run_dir),
-                 *TINY], working_dir=str(ROOT), submission_id="cf-image")
-    status, logs = head.wait("cf-image", timeout=300)
-    assert status == "SUCCEEDED", logs[-4000:]
-    assert "stage report: done" in logs and "Connecting to existing Ray cluster" in logs
+    (data / "tree" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    data_uri, target_uri = s3.upload(data, "in", "unlabelled"), s3.upload(target, "in", "target")
+    buf = io.BytesIO()
+    torch.save(build(ModelConfig(width=4), seed=0).state_dict(), buf)
+    with s3.fs.open_output_stream(s3.key("in", "weights.pt")) as f:
+        f.write(buf.getvalue())
+    run = s3.uri("runs", "job")
 
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    head.submit(["python", "jobs/clusterfit_image.py", "--data", data_uri, "--target", target_uri, "--run-dir", run,
+                 "pretrain.source=checkpoint", f"pretrain.checkpoint={s3.uri('in', 'weights.pt')}", *TINY],
+                working_dir=str(ROOT), submission_id="cf-image")
+    status, logs = head.wait("cf-image", timeout=400)
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert "Connecting to existing Ray cluster" in logs and "stage report: done" in logs
+
+    files = s3.listing("runs", "job")
+    for f in ("config.yaml", "manifest.json", "metrics.json", "report.md", "errors.parquet", "items/source.parquet",
+              "models/clusterfit/backbone.pt", "cluster/centroids.npy", "cluster/assignments.parquet",
+              "features/pretrained/source/_SUCCESS.json", "plots/transfer.png"):
+        assert f in files, files
+    assert any(f.startswith("train/retrain/checkpoint_") and f.endswith("state.pt") for f in files)
+    assert any(f.startswith("features/clusterfit/target_test/") and f.endswith(".parquet") for f in files)
+    manifest = json.loads(s3.read("runs", "job", "manifest.json"))
     assert all(s["status"] == "done" for s in manifest["stages"].values())
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert set(metrics["transfer"]) == {"random", "pretrained", "clusterfit"}
-    assert "ClusterFit - pre-trained" in (run_dir / "report.md").read_text()
+    metrics = json.loads(s3.read("runs", "job", "metrics.json"))
+    assert set(metrics["transfer"]) == {"random", "pretrained", "clusterfit"} and metrics["skipped_inputs"] == 1
+    assert pq.read_table(s3.key("runs", "job", "cluster", "assignments.parquet"), filesystem=s3.fs).num_rows == 24
+    assert "broken.jpg" in s3.read("runs", "job", "report.md").decode()
