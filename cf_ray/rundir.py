@@ -5,6 +5,7 @@ of the stage is complete; a rerun skips done stages and redoes the rest.
 """
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -96,6 +97,6 @@ class RunDir:
         else:
             old = table.schema.empty_table()
         merged = pa.concat_tables([old.cast(table.schema), table])
-        fs, p = storage.resolve(self.errors_path)
-        fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-        pq.write_table(merged, p, filesystem=fs)
+        buf = io.BytesIO()
+        pq.write_table(merged, buf)
+        storage.write_bytes(self.errors_path, buf.getvalue())  # a kill mid-write leaves the old table whole

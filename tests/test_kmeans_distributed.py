@@ -37,6 +37,7 @@ def write_shards(root: Path, x: np.ndarray, files: int, bad_rows: int = 0) -> li
         path = root / f"part-{j:05d}.parquet"
         pq.write_table(pa.table({"id": ids, "error": errors, "feat_res5": feat}), path)
         out.append(str(path))
+    (root / "_SUCCESS.json").write_text("{}")  # a complete extract output, as run_cluster requires
     return out
 
 

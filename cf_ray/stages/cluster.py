@@ -2,7 +2,8 @@
 
 Writes into ``out_uri``: centroids.npy (K x d', in the preprocessed space), transform.npz (when
 PCA-whitening), assignments.parquet (id, cluster, distance), stats.json (sizes, objective per
-iteration, balance) and _SUCCESS.json.
+iteration, balance) and, last, _SUCCESS.json: the folder counts as done only with it (a rerun redoes or
+resumes an incomplete one, and ``read_assignments`` refuses it).
 
 backend=faiss runs faiss.Kmeans in this process on all features; backend=ray shards the rows over
 Ray actors (cf_ray.kmeans.distributed), checkpoints every iteration in ``out_uri/_checkpoint`` (a
@@ -23,7 +24,7 @@ from cf_ray.config import ClusterConfig
 from cf_ray.kmeans._blas import faiss_blas_note
 from cf_ray.kmeans.core import cluster_stats, preprocess_fit, sizes_stats
 from cf_ray.rundir import log
-from cf_ray.stages.extract import read_features
+from cf_ray.stages.extract import IncompleteOutputError, read_features, require_complete
 
 SUCCESS = "_SUCCESS.json"
 
@@ -60,6 +61,7 @@ def run_cluster(cfg: ClusterConfig, features_uri: str, out_uri: str) -> dict:
     if storage.exists(marker):
         log(f"cluster: {out_uri} is complete, nothing to do")
         return storage.read_json(marker)
+    require_complete(features_uri)
     t0 = time.time()
     stats = _cluster_ray(cfg, features_uri, out_uri) if cfg.backend == "ray" else _cluster_faiss(cfg, features_uri, out_uri)
     stats["seconds"] = round(time.time() - t0, 2)
@@ -154,6 +156,8 @@ def _remove(path: str) -> None:
 
 def read_assignments(out_uri: str) -> pa.Table:
     """(id, cluster, distance) of every item: one file (faiss backend) or a folder of parts (ray)."""
+    if not storage.exists(storage.join(out_uri, SUCCESS)):
+        raise IncompleteOutputError(f"{out_uri} has no {SUCCESS}: clustering did not finish; rerun the job to redo it")
     fs, p = storage.resolve(storage.join(out_uri, "assignments.parquet"))
     if fs.get_file_info(p).type != pafs.FileType.Directory:
         return pq.read_table(p, filesystem=fs)

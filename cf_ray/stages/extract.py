@@ -2,20 +2,30 @@
 
 One row per input: id, path, label, error ('' when fine) and one fixed-size float32 list column per
 feature tap (null where the input could not be decoded). For video, ``feat_<tap>`` is the mean over the
-video's clips and ``clipfeat_<tap>`` keeps every clip's feature. The output folder is complete only when
-``_SUCCESS.json`` exists; a rerun over a complete output does nothing.
+video's clips and ``clipfeat_<tap>`` keeps every clip's feature.
+
+Atomic and resumable: each write task commits one ``part-<hash of its ids>.parquet`` (written under a
+temporary name, then renamed), so a part file either is complete or does not exist, and a retried task
+rewrites the same name instead of adding a duplicate. The folder is complete only when ``_SUCCESS.json``
+(written last) exists; readers refuse it before. A rerun over an incomplete folder keeps the committed
+parts and extracts only the items none of them holds.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import time
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import torch
-from ray.data.datasource import FilenameProvider
+from ray.data.block import Block, BlockAccessor
+from ray.data.datasource import Datasink
 
 from cf_ray import storage
 from cf_ray.config import ExtractConfig, ImageConfig, VideoConfig
@@ -26,9 +36,65 @@ from cf_ray.runtime import want_gpu
 SUCCESS = "_SUCCESS.json"
 
 
-class _StableNames(FilenameProvider):
-    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return f"part-{task_index:05d}.parquet"
+class IncompleteOutputError(RuntimeError):
+    """An output folder without its done marker: it was interrupted, or is still being written."""
+
+
+class PartSink(Datasink):
+    """Each write task commits its rows as one Parquet file named by a hash of its ids."""
+
+    def __init__(self, out_uri: str):
+        self.out_uri = out_uri
+
+    def write(self, blocks: Iterable[Block], ctx) -> int:
+        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        tables = [t for t in tables if t.num_rows]
+        if not tables:
+            return 0
+        t = pa.concat_tables(tables)
+        digest = hashlib.sha1("\n".join(t["id"].to_pylist()).encode()).hexdigest()[:16]
+        buf = io.BytesIO()
+        pq.write_table(t, buf)
+        storage.write_bytes(storage.join(self.out_uri, f"part-{digest}.parquet"), buf.getvalue())  # tmp + rename
+        return t.num_rows
+
+
+def part_files(uri: str) -> list[str]:
+    """Committed part files of an output folder (temporaries end in .tmp and are not listed)."""
+    fs, p = storage.resolve(uri)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(p))
+    return sorted(storage.join(uri, i.base_name) for i in infos
+                  if i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))
+
+
+def require_complete(uri: str) -> None:
+    if not storage.exists(storage.join(uri, SUCCESS)):
+        raise IncompleteOutputError(f"{uri} has no {SUCCESS}: its extraction did not finish; rerun the job to resume it")
+
+
+def _keep_committed(out_uri: str, wanted: set[str]) -> set[str]:
+    """Ids already extracted in ``out_uri``; deletes temporaries, unreadable parts, and parts that overlap
+    an earlier part or hold ids not wanted (left by a retried task or an older item list)."""
+    fs, p = storage.resolve(out_uri)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return set()
+    for i in fs.get_file_info(pafs.FileSelector(p)):
+        if i.base_name.endswith(".tmp"):
+            fs.delete_file(i.path)
+    done: set[str] = set()
+    for f in part_files(out_uri):
+        ffs, fp = storage.resolve(f)
+        try:
+            ids = pq.read_table(fp, filesystem=ffs, columns=["id"])["id"].to_pylist()
+        except (OSError, pa.ArrowInvalid):
+            ids = None
+        if ids is None or len(set(ids)) != len(ids) or not done.isdisjoint(ids) or not wanted.issuperset(ids):
+            ffs.delete_file(fp)
+            continue
+        done.update(ids)
+    return done
 
 
 def normalize(pixels: np.ndarray, mean, std, device: str = "cpu") -> torch.Tensor:
@@ -116,9 +182,9 @@ def read_items(uri: str) -> pa.Table:
 
 
 def write_items(table: pa.Table, uri: str) -> None:
-    fs, p = storage.resolve(uri)
-    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(table, p, filesystem=fs)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(uri, buf.getvalue())  # whole or not at all
 
 
 def items_dataset(items: pa.Table, block_rows: int) -> ray.data.Dataset:
@@ -133,11 +199,42 @@ def run_extract(cfg: ExtractConfig, media: ImageConfig | VideoConfig, items_uri:
     if storage.exists(marker):
         log(f"extract: {out_uri} is complete, nothing to do")
         return storage.read_json(marker)
-    storage.delete_dir(out_uri)  # a partial output from an interrupted run is never taken as done
     items = read_items(items_uri)
+    wanted = set(items["id"].to_pylist())
+    done = _keep_committed(out_uri, wanted)
+    todo = items.filter(pc.invert(pc.is_in(items["id"], pa.array(sorted(done), pa.string())))) if done else items
     gpu = want_gpu(cfg.use_gpu)
-    log(f"extract: {items.num_rows} items, layers {cfg.layers}, {cfg.num_actors} actor(s) on {'GPU' if gpu else 'CPU'} -> {out_uri}")
+    resumed = f" (resuming: {len(done)} already in committed parts)" if done else ""
+    log(f"extract: {todo.num_rows} items{resumed}, layers {cfg.layers}, {cfg.num_actors} actor(s) on {'GPU' if gpu else 'CPU'} -> {out_uri}")
     t0 = time.time()
+    if todo.num_rows:
+        _extract(cfg, media, todo, model_uri, out_uri, gpu)
+    secs = time.time() - t0
+    if _keep_committed(out_uri, wanted) != wanted:
+        raise RuntimeError(f"extract: {out_uri} does not hold every one of the {len(wanted)} items; refusing to mark it "
+                           "complete (rerun to extract the missing ones)")
+    fs, p = storage.resolve(out_uri)
+    meta = pa.concat_tables([pq.read_table(storage.resolve(f)[1], filesystem=fs, columns=["id", "path", "error"])
+                             for f in part_files(out_uri)])
+    bad = meta.filter(pc.not_equal(meta["error"], ""))
+    buf = io.BytesIO()
+    pq.write_table(bad, buf)
+    storage.write_bytes(storage.join(out_uri, "_errors.parquet"), buf.getvalue())
+    result = {
+        "rows": meta.num_rows,
+        "ok": meta.num_rows - bad.num_rows,
+        "skipped": bad.num_rows,
+        "resumed": len(done),
+        "seconds": round(secs, 2),
+        "items_per_s": round(todo.num_rows / secs, 1) if secs > 0 else None,
+        "layers": cfg.layers,
+    }
+    storage.write_json(marker, result)  # last: the folder is complete from here on
+    log(f"extract: {result['ok']} ok, {result['skipped']} skipped, {result['items_per_s']} items/s")
+    return result
+
+
+def _extract(cfg: ExtractConfig, media: ImageConfig | VideoConfig, items: pa.Table, model_uri: str, out_uri: str, gpu: bool):
     decode, decode_kwargs, _ = decoder(media)
     ds = items_dataset(items, cfg.block_rows).map_batches(
         decode, fn_kwargs=decode_kwargs, batch_size=cfg.batch_size, batch_format="numpy"
@@ -159,32 +256,15 @@ def run_extract(cfg: ExtractConfig, media: ImageConfig | VideoConfig, items_uri:
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
     )
     ds.set_name("extract")
-    ds.write_parquet(storage.absolute(out_uri), filename_provider=_StableNames(), mode="overwrite")
-    secs = time.time() - t0
-    fs, p = storage.resolve(out_uri)
-    meta = pq.read_table(p, filesystem=fs, columns=["id", "path", "error"])
-    bad = meta.filter(pc.not_equal(meta["error"], ""))
-    if meta.num_rows != items.num_rows:
-        raise RuntimeError(f"extract wrote {meta.num_rows} rows for {items.num_rows} items; refusing to mark it complete")
-    pq.write_table(bad, storage.join(p, "_errors.parquet"), filesystem=fs)
-    result = {
-        "rows": meta.num_rows,
-        "ok": meta.num_rows - bad.num_rows,
-        "skipped": bad.num_rows,
-        "seconds": round(secs, 2),
-        "items_per_s": round(meta.num_rows / secs, 1),
-        "layers": cfg.layers,
-    }
-    storage.write_json(marker, result)
-    log(f"extract: {result['ok']} ok, {result['skipped']} skipped, {result['items_per_s']} items/s")
-    return result
+    ds.write_datasink(PartSink(storage.absolute(out_uri)))
 
 
 def read_features(uri: str, layer: str, with_labels: bool = False):
-    """(ids, features float32 (n,d)[, labels]) of the rows that decoded fine."""
-    fs, p = storage.resolve(uri)
+    """(ids, features float32 (n,d)[, labels]) of the rows that decoded fine, from a complete output."""
+    require_complete(uri)
     cols = ["id", "error", f"feat_{layer}"] + (["label"] if with_labels else [])
-    t = pq.read_table(p, filesystem=fs, columns=cols)
+    fs, _ = storage.resolve(uri)
+    t = pa.concat_tables([pq.read_table(storage.resolve(f)[1], filesystem=fs, columns=cols) for f in part_files(uri)])
     t = t.filter(pc.equal(t["error"], ""))
     col = t[f"feat_{layer}"].combine_chunks()
     d = col.type.list_size
