@@ -1,0 +1,316 @@
+"""Where does ClusterFit help? One pre-trained network, many ClusterFit settings, the paper's controls.
+
+The sweep pre-trains (or reuses ``base_run``'s pre-training) and extracts the source features once, then
+for every grid setting (K x layer clustered x retraining epochs x retrained model): k-means -> retrain ->
+target features -> linear probes. The controls (longer pre-training, distillation) get the same number of
+training epochs on the same source items. Every setting is one stage of the sweep's run directory and
+runs in its own sub folder with its own stages, so a killed sweep resumes where it stopped.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field, model_validator
+
+from cf_ray import storage
+from cf_ray.config import ConfigError, JobConfig, ModelConfig, _Strict, dump_config, load_config
+from cf_ray.kmeans.core import l2_normalize
+from cf_ray.pipeline import (Paths, _threads, check_inputs, cluster_quality, pretrain_targets, stage_extract, stage_items,
+                             stage_pretrain, stage_retrain)
+from cf_ray.rundir import RunDir, log
+from cf_ray.sources import IMAGE_EXTS, load_target
+from cf_ray.stages.cluster import read_assignments, run_cluster
+from cf_ray.stages.extract import SUCCESS, read_features, read_items, write_items
+from cf_ray.stages.probe import run_probe
+
+FUSE = "fuse:"
+
+
+class GridConfig(_Strict):
+    """The ClusterFit settings: every combination of these."""
+
+    k: list[int] = Field([100], min_length=1, description="Numbers of clusters.")
+    layer: list[str] = Field(
+        ["res5"], min_length=1, description="Features clustered: a tap (res4), taps joined by + (res4+res5: each "
+        "L2-normalised, concatenated), or fuse:<tap> (this tap of the pre-trained network and of fuse_run's, each "
+        "L2-normalised, concatenated: the paper's multi-task variant).")
+    epochs: list[int] = Field([10], min_length=1, description="Retraining epochs.")
+    model: list[ModelConfig] = Field([], description="Retrained backbones; default: job.retrain.model.")
+
+
+class ControlsConfig(_Strict):
+    """The paper's controls, trained on the same source items for the same number of epochs as ClusterFit."""
+
+    longer_pretrain: bool = Field(True, description="Continue the pre-training task from its last state (a new warm-up + cosine schedule).")
+    distill: bool = Field(True, description="Train a fresh network on the pre-trained network's soft outputs (its proxy or label head).")
+    epochs: int | None = Field(None, gt=0, description="Training epochs of each control; default: the largest grid.epochs.")
+    temperature: float = Field(1.0, gt=0, description="Distillation: softmax temperature of the teacher's logits.")
+
+
+class SweepConfig(_Strict):
+    """A ClusterFit sweep over one pre-trained network."""
+
+    run_dir: str = Field("runs/sweep", description="Path or URI of the sweep's run directory.")
+    job: JobConfig = Field(default_factory=JobConfig, description="The job: data, pretrain, extract, cluster (niter, seed), retrain, probe, ray.")
+    base_run: str | None = Field(None, description="A job run directory whose items, pretrain and extract_source stages are done: "
+                                 "reused (its config.yaml's data, image and pretrain apply); none: run them here once.")
+    source_limit: int | None = Field(None, gt=0, description="Cluster and retrain on a seeded subset of this many source items; none: all.")
+    target_train_limit: int | None = Field(None, gt=0, description="Train the probes on a seeded subset of this many target "
+                                           "train items (the test split is always whole); none: all.")
+    targets: dict[str, str] = Field({}, description="Transfer targets, name -> labelled folder (train/ + test/, or one folder split "
+                                    "by probe.test_fraction); default: {target: job.target}.")
+    grid: GridConfig = Field(default_factory=GridConfig)
+    controls: ControlsConfig = Field(default_factory=ControlsConfig)
+    fuse_run: str | None = Field(None, description="Another job run directory on the same source items (extract_source done), "
+                                 "for fuse:<tap> layers.")
+
+    @model_validator(mode="after")
+    def _fuse_needs_run(self) -> "SweepConfig":
+        if any(l.startswith(FUSE) for l in self.grid.layer) and not self.fuse_run:
+            raise ValueError("grid.layer has fuse:<tap> entries but fuse_run is not set")
+        return self
+
+
+def setting_name(k: int, layer: str, epochs: int, model: ModelConfig) -> str:
+    return f"k{k}_{re.sub('[^A-Za-z0-9]+', '-', layer)}_e{epochs}_{model.arch}-w{model.width}"
+
+
+def settings(cfg: SweepConfig) -> list[dict]:
+    models = cfg.grid.model or [cfg.job.retrain.model]
+    return [{"name": setting_name(k, l, e, m), "k": k, "layer": l, "epochs": e, "model": m}
+            for l, k, e, m in itertools.product(cfg.grid.layer, cfg.grid.k, cfg.grid.epochs, models)]
+
+
+class SubPaths(Paths):
+    """A setting's own folder; items (targets and the clustered source subset) are the sweep's."""
+
+    def __init__(self, run: RunDir, sweep: RunDir):
+        super().__init__(run)
+        self.sweep = sweep
+
+    def items(self, name: str) -> str:
+        return self.sweep.path("items", ("cluster_source" if name == "source" else name) + ".parquet")
+
+
+class Sweep:
+    """The sweep's run directory, its base (pre-trained network + source features) and its targets."""
+
+    def __init__(self, cfg: SweepConfig):
+        self.cfg = cfg
+        self.targets = cfg.targets or {"target": cfg.job.target}
+        try:
+            self.run = RunDir(cfg.run_dir)
+            storage.write_bytes(self.run.path("sweep.yaml"), dump_config(cfg).encode())
+        except OSError as e:
+            raise ConfigError(f"run_dir {cfg.run_dir} is not writable ({e}); pass --run-dir <a writable path>") from None
+        self.paths = Paths(self.run)
+        if cfg.base_run:
+            self.base = RunDir(cfg.base_run)
+            missing = [s for s in ("items", "pretrain", "extract_source") if not self.base.is_done(s)]
+            if missing:
+                raise ConfigError(f"base_run {cfg.base_run} has not finished {missing}; run the job there first or drop base_run")
+            self.base_cfg = load_config(JobConfig, self.base.path("config.yaml"))
+            if self.base_cfg.media != cfg.job.media:
+                raise ConfigError(f"job.{cfg.job.modality} differs from base_run's; the sweep must decode as the base did")
+        else:
+            self.base, self.base_cfg = self.run, cfg.job
+        self.base_paths = Paths(self.base)
+
+    # --- once per sweep -----------------------------------------------------------------------
+    def prepare(self) -> None:
+        from cf_ray.runtime import init_ray
+
+        cfg, run = self.cfg, self.run
+        exts = IMAGE_EXTS
+        if cfg.base_run is None:
+            # The largest K is checked against the source size, the first target for labels.
+            job = cfg.job.model_copy(deep=True)
+            job.cluster.k, job.target = max(cfg.grid.k), next(iter(self.targets.values()))
+            inputs = check_inputs(job)
+            run.stage("items", lambda: stage_items(run, self.paths, {"source": inputs["source"]}))
+        run.stage("items_targets", lambda: self._write_targets(exts))
+        init_ray(cfg.job.ray.num_cpus, cfg.job.ray.object_store_mb)
+        if cfg.base_run is None:
+            run.stage("pretrain", lambda: stage_pretrain(cfg.job, run, self.paths))
+            run.stage("extract_source", lambda: stage_extract(cfg.job, run, self.paths, "pretrained", "source"))
+        run.stage("cluster_source", self._write_cluster_source)
+        for layer in sorted({s["layer"] for s in settings(cfg)}):
+            run.stage(f"cluster_input_{layer}", lambda layer=layer: self._write_cluster_input(layer))
+        for m in ("random", "pretrained"):
+            self.evaluate(run, self._reference_paths(m), m, stage_prefix=f"{m}_")
+
+    def _write_targets(self, exts) -> dict:
+        out = {}
+        for t, path in self.targets.items():
+            train, test, skipped = load_target(path, self.cfg.job.probe.test_fraction, self.cfg.job.seed, exts)
+            train = seeded_subset(train, self.cfg.target_train_limit, self.cfg.job.seed)
+            write_items(train, self.paths.items(f"{t}_train"))
+            write_items(test, self.paths.items(f"{t}_test"))
+            self.run.record_errors(skipped, "list", t)
+            out[t] = {"path": path, "train": train.num_rows, "test": test.num_rows, "skipped": skipped.num_rows}
+        return out
+
+    def _write_cluster_source(self) -> dict:
+        """The source items that are clustered and trained on: all the base's, or a seeded subset."""
+        everything = read_items(self.base_paths.items("source"))
+        items = seeded_subset(everything, self.cfg.source_limit, self.cfg.job.seed)
+        write_items(items, self.run.path("items", "cluster_source.parquet"))
+        return {"items": items.num_rows, "of": everything.num_rows}
+
+    def cluster_input(self, layer: str) -> str:
+        return self.run.path("features", "cluster_input", re.sub("[^A-Za-z0-9]+", "-", layer))
+
+    def _write_cluster_input(self, layer: str) -> dict:
+        """Features of the clustered items for one grid layer, as one ``feat_input`` column (what k-means reads)."""
+        keep = set(read_items(self.run.path("items", "cluster_source.parquet"))["id"].to_pylist())
+        parts = []
+        for spec in layer.split("+"):
+            if spec.startswith(FUSE):
+                uri, tap = Paths(RunDir(self.cfg.fuse_run)).features("pretrained", "source"), spec[len(FUSE):]
+                parts += [(self.base_paths.features("pretrained", "source"), tap), (uri, tap)]
+            else:
+                parts.append((self.base_paths.features("pretrained", "source"), spec))
+        tables = []
+        for uri, tap in parts:
+            ids, x, labels = read_features(uri, tap, with_labels=True)
+            x = l2_normalize(x) if len(parts) > 1 else x  # k-means L2-normalises the joined vector again
+            tables.append({i: (v, lab) for i, v, lab in zip(ids, x, labels) if i in keep})
+        ids = sorted(set.intersection(*[set(t) for t in tables]))
+        if not ids:
+            raise ConfigError(f"no source item has features for every part of layer {layer!r}")
+        x = np.concatenate([np.stack([t[i][0] for i in ids]) for t in tables], axis=1).astype(np.float32)
+        out = self.cluster_input(layer)
+        storage.makedirs(out)
+        fs, p = storage.resolve(storage.join(out, "part-00000.parquet"))
+        pq.write_table(pa.table({
+            "id": pa.array(ids, pa.string()), "label": pa.array([tables[0][i][1] for i in ids], pa.string()),
+            "error": pa.array([""] * len(ids), pa.string()),
+            "feat_input": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])}), p, filesystem=fs)
+        storage.write_json(storage.join(out, SUCCESS), {"rows": len(ids), "dim": int(x.shape[1])})
+        return {"rows": len(ids), "dim": int(x.shape[1]), "parts": [t for _, t in parts]}
+
+    def _reference_paths(self, model: str) -> SubPaths:
+        """Random and pre-trained networks live in the base; their target features in the sweep."""
+        paths = SubPaths(self.run, self.run)
+        paths.model = lambda name: self.base_paths.model(name)  # type: ignore[method-assign]
+        return paths
+
+    # --- per model: target features and probes ------------------------------------------------
+    def evaluate(self, run: RunDir, paths: Paths, model: str, stage_prefix: str = "") -> dict:
+        out = {}
+        for t in self.targets:
+            for split in ("train", "test"):
+                run.stage(f"{stage_prefix}extract_{t}_{split}",
+                          lambda t=t, split=split: stage_extract(self.cfg.job, run, paths, model, f"{t}_{split}"))
+            out[t] = run.stage(f"{stage_prefix}probe_{t}", lambda t=t: {"transfer": run_probe(
+                self.cfg.job.probe, paths.features(model, f"{t}_train"), paths.features(model, f"{t}_test"))})["transfer"]
+            log(f"transfer {model} -> {t}: " + ", ".join(f"{l} {100 * v['top1']:.1f}%" for l, v in out[t].items()))
+        return out
+
+    # --- ClusterFit settings and controls -----------------------------------------------------
+    def run_setting(self, s: dict) -> dict:
+        sub = RunDir(self.run.path("settings", s["name"]))
+        paths = SubPaths(sub, self.run)
+        job = self.cfg.job.model_copy(deep=True)
+        job.cluster.k = s["k"]
+        job.retrain = job.retrain.model_copy(update={"epochs": s["epochs"], "model": s["model"]})
+        items = read_items(paths.items("source"))
+
+        def cluster() -> dict:
+            res = run_cluster(job.cluster.model_copy(update={"layer": "input"}), self.cluster_input(s["layer"]), paths.cluster)
+            return {**res, **cluster_quality(items, read_assignments(paths.cluster))}
+
+        clusters = sub.stage("cluster", cluster)
+        retrain = sub.stage("retrain", lambda: stage_retrain(job, sub, paths))
+        transfer = self.evaluate(sub, paths, "clusterfit")
+        return {"kind": "clusterfit", **{k: v for k, v in s.items() if k != "model"}, "model": s["model"].model_dump(),
+                "cluster": clusters, "train_acc": retrain["history"][-1]["acc"],
+                "train_seconds": sum(h["seconds"] for h in retrain["history"]), "transfer": transfer}
+
+    def control_epochs(self) -> int:
+        return self.cfg.controls.epochs or max(self.cfg.grid.epochs)
+
+    def run_control(self, name: str) -> dict:
+        from cf_ray.stages.controls import latest_state, load_teacher, soft_targets
+        from cf_ray.train.loop import train_classifier
+
+        sub = RunDir(self.run.path("controls", name))
+        paths = SubPaths(sub, self.run)
+        base = self.base_cfg
+        epochs = self.control_epochs()
+        train_cfg = base.pretrain.train.model_copy(update={"epochs": epochs})
+        state = latest_state(self.base_paths.train + "/pretrain")
+        keep = read_items(paths.items("source"))["id"]
+        # Targets over every base item first, so noisy labels are the very ones pre-training saw.
+        items, task, classes, _ = pretrain_targets(base, read_items(self.base_paths.items("source")))
+        items = items.filter(pc.is_in(items["id"], keep))
+
+        def train() -> dict:
+            if name == "longer_pretrain":
+                res = train_classifier(train_cfg, base.media, items, task, classes, paths.train, name,
+                                       paths.model("clusterfit"), threads=_threads(self.cfg.job), init_from=state)
+            else:
+                if base.modality != "image":
+                    raise ConfigError("the distillation control supports images only")
+                teacher = load_teacher(state, base.pretrain.train.model, classes)
+                soft = soft_targets(teacher, items.drop_columns(["target"]), base.media, task, self.cfg.controls.temperature)
+                res = train_classifier(train_cfg, base.media, soft, task, classes, paths.train, name,
+                                       paths.model("clusterfit"), threads=_threads(self.cfg.job))
+            return {"history": res["history"], "items": res["rows"], "from_state": state}
+
+        trained = sub.stage("train", train)
+        transfer = self.evaluate(sub, paths, "clusterfit")
+        return {"kind": name, "name": name, "epochs": epochs, "task": task, "model": train_cfg.model.model_dump(),
+                "train_acc": trained["history"][-1]["acc"], "train_seconds": sum(h["seconds"] for h in trained["history"]),
+                "transfer": transfer}
+
+
+def seeded_subset(items: pa.Table, n: int | None, seed: int) -> pa.Table:
+    if not n or items.num_rows <= n:
+        return items
+    return items.take(np.sort(np.random.default_rng(seed).choice(items.num_rows, n, replace=False)))
+
+
+def row_names(cfg: SweepConfig) -> list[str]:
+    """The manifest stages that hold table rows, in table order."""
+    rows = [f"setting_{s['name']}" for s in settings(cfg)]
+    rows += [f"control_{c}" for c in ("longer_pretrain", "distill") if getattr(cfg.controls, c)]
+    return rows
+
+
+def run_sweep(cfg: SweepConfig, report_only: bool = False) -> dict:
+    from cf_ray.stages.sweep_report import write_sweep_report
+
+    sweep = Sweep(cfg)
+    if not report_only:
+        sweep.prepare()
+        grid = settings(cfg)
+        # The first setting, then the controls, then the rest: a sweep stopped early still has its baselines.
+        for s in grid[:1]:
+            sweep.run.stage(f"setting_{s['name']}", lambda s=s: sweep.run_setting(s))
+        for c in ("longer_pretrain", "distill"):
+            if getattr(cfg.controls, c):
+                sweep.run.stage(f"control_{c}", lambda c=c: sweep.run_control(c))
+        for s in grid[1:]:
+            sweep.run.stage(f"setting_{s['name']}", lambda s=s: sweep.run_setting(s))
+    report = sweep.run.stage("report", lambda: write_sweep_report(sweep, row_names(cfg)), force=True)
+    log(f"sweep report: {report['report']}")
+    return {"run_dir": sweep.run.root, **report}
+
+
+def load_sweep_config(path: str | None, overrides: list[str]) -> SweepConfig:
+    cfg = load_config(SweepConfig, path, overrides)
+    if not cfg.base_run and not cfg.job.data:
+        raise ConfigError("no source data: set job.data=<images> (or base_run=<a finished job run directory>)")
+    if not (cfg.targets or cfg.job.target):
+        raise ConfigError("no transfer target: set job.target=<labelled folder> or targets.<name>=<folder>")
+    for path in [cfg.base_run, cfg.fuse_run]:
+        if path and not os.path.exists(os.path.join(path, "manifest.json")) and "://" not in path:
+            raise ConfigError(f"{path} is not a run directory (no manifest.json)")
+    return cfg

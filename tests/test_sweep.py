@@ -1,0 +1,103 @@
+"""The ClusterFit sweep end to end on tiny generated images, on the session's real local Ray."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from cf_ray.config import ConfigError
+from cf_ray.demo import make_demo_splits
+from cf_ray.pipeline import cluster_quality, noisy_labels
+from cf_ray.sweep import load_sweep_config, run_sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = [
+    "job.image.size=16", "job.pretrain.train.model.width=8", "job.retrain.model.width=8", "job.pretrain.train.epochs=1",
+    "job.pretrain.train.batch_size=32", "job.retrain.batch_size=32", "job.extract.block_rows=64", "job.extract.layers=[res4,res5]",
+    "job.cluster.niter=5", "job.probe.layers=[res4,res5]", "job.probe.epochs=20", "job.probe.weight_decays=[0.001]",
+    "grid.k=[6]", "grid.layer=[res5,res4+res5]", "grid.epochs=[1]",
+]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    data, target = make_demo_splits(root / "data", n_unlabelled=8, n_train=4, n_test=4, size=16)
+    return root, data, target
+
+
+def _table_rows(report: str) -> list[str]:
+    return [l for l in report.splitlines() if l.startswith("| ") and ("ClusterFit K=" in l or "control:" in l)]
+
+
+def test_sweep_reuses_pretraining_and_resumes(ray_session, demo):
+    root, data, target = demo
+    cfg = load_sweep_config(None, TINY + [f"job.data={data}", f"job.target={target}", f"run_dir={root / 'run'}"])
+    out = run_sweep(cfg)
+    run = Path(out["run_dir"])
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    assert all(s["status"] == "done" for s in stages.values())
+    # One pre-training and one source extraction serve every setting and control.
+    assert [n for n in stages if n in ("pretrain", "extract_source")] == ["pretrain", "extract_source"]
+    settings = sorted(p.name for p in (run / "settings").iterdir())
+    assert settings == ["k6_res4-res5_e1_resnet_tiny-w8", "k6_res5_e1_resnet_tiny-w8"]
+    for s in settings:
+        sub = json.loads((run / "settings" / s / "manifest.json").read_text())["stages"]
+        assert "pretrain" not in sub and sub["retrain"]["status"] == "done"
+    res5 = json.loads((run / "settings" / settings[1] / "manifest.json").read_text())["stages"]["cluster"]["result"]["d"]
+    assert json.loads((run / "features" / "cluster_input" / "res4-res5" / "_SUCCESS.json").read_text())["dim"] == res5 + res5 // 2
+
+    report = (run / "report.md").read_text()
+    rows = _table_rows(report)
+    assert len(rows) == 4 and sum("control:" in r for r in rows) == 2  # 2 settings + longer pre-training + distillation
+    assert "pre-trained (start of ClusterFit)" in report and "random init" in report
+    res = json.loads((run / "sweep_results.json").read_text())
+    for r in res["rows"]:
+        assert set(r["transfer"]["target"]) == {"res4", "res5"}
+        assert all(0 <= v["top1"] <= 1 for v in r["transfer"]["target"].values())
+    cluster = res["rows"][0]["cluster"]
+    assert 0 <= cluster["nmi"] <= 1 and 1 / 6 <= cluster["purity"] <= 1 and cluster["imbalance"] >= 1
+    distill = json.loads((run / "controls" / "distill" / "manifest.json").read_text())["stages"]["train"]["result"]
+    assert distill["items"] == 48 and (run / "plots" / "sweep_target.png").stat().st_size > 1000
+
+    # A rerun skips every finished setting and control: nothing is retrained.
+    started = {s: json.loads((run / "settings" / s / "manifest.json").read_text())["stages"]["retrain"]["started"] for s in settings}
+    model = run / "controls" / "longer_pretrain" / "models" / "clusterfit" / "backbone.pt"
+    mtime = model.stat().st_mtime
+    run_sweep(cfg)
+    again = {s: json.loads((run / "settings" / s / "manifest.json").read_text())["stages"]["retrain"]["started"] for s in settings}
+    assert again == started and model.stat().st_mtime == mtime
+    assert _table_rows((run / "report.md").read_text()) == rows
+
+
+def test_sweep_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="fuse_run"):
+        load_sweep_config(None, ["grid.layer=[fuse:res5]", "job.data=x", "job.target=y"])
+    with pytest.raises(ConfigError, match="not a run directory"):
+        load_sweep_config(None, [f"base_run={tmp_path}", "job.target=y"])
+    with pytest.raises(ConfigError, match="no transfer target"):
+        load_sweep_config(None, ["job.data=x"])
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "clusterfit_sweep.py"), "grid.k=[0]", "job.data=x", "job.target=y"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "grid.k" in r.stderr
+
+
+def test_noisy_labels_flip_exactly_the_fraction_to_other_classes():
+    truth = np.arange(1000) % 10
+    noisy = noisy_labels(truth, 10, 0.3, seed=3)
+    assert (noisy != truth).sum() == 300 and noisy.min() >= 0 and noisy.max() <= 9
+    assert np.array_equal(noisy, noisy_labels(truth, 10, 0.3, seed=3))
+    assert np.array_equal(noisy_labels(truth, 10, 0.0, seed=3), truth)
+
+
+def test_cluster_quality_against_true_labels():
+    items = pa.table({"id": list("abcdef"), "label": ["x", "x", "x", "y", "y", "y"]})
+    perfect = cluster_quality(items, pa.table({"id": list("abcdef"), "cluster": pa.array([1, 1, 1, 0, 0, 0], pa.int64())}))
+    assert perfect == {"nmi": pytest.approx(1.0), "ari": pytest.approx(1.0), "purity": 1.0}
+    mixed = cluster_quality(items, pa.table({"id": list("abcdef"), "cluster": pa.array([0, 1, 0, 1, 0, 1], pa.int64())}))
+    assert mixed["purity"] == pytest.approx(4 / 6) and mixed["nmi"] < 0.2
+    assert cluster_quality(pa.table({"id": ["a"], "label": pa.array([None], pa.string())}),
+                           pa.table({"id": ["a"], "cluster": pa.array([0], pa.int64())})) == {}
