@@ -168,7 +168,22 @@ class ProbeConfig(_Strict):
     epochs: int = Field(100, gt=0, description="Full-batch L-BFGS steps.")
     val_fraction: float = Field(0.2, gt=0, lt=1)
     test_fraction: float = Field(0.3, gt=0, lt=1, description="Used only when the target has no test split.")
+    multi_label: bool = Field(False, description="The target's items carry several labels (label column 'a|b', see label_sep): "
+                              "one-vs-rest probes scored by mAP (the paper's VOC07 setting) instead of top-1.")
+    label_sep: str = Field("|", min_length=1, description="Separator of the labels of one item (multi_label).")
+    finetune: bool = Field(False, description="Also fine-tune each whole network (random, pretrained, clusterfit) on the target's "
+                           "train split as a Ray Train job and report its test top-1 next to the probes (single-label targets).")
+    finetune_train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=5, lr=0.02, warmup_epochs=0),
+        description="The fine-tuning run (finetune=true); its model section is ignored: each backbone keeps its own.",
+    )
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _finetune_single_label(self) -> "ProbeConfig":
+        if self.finetune and self.multi_label:
+            raise ValueError("probe.finetune supports single-label targets only; set probe.finetune=false for multi_label")
+        return self
 
 
 class RayConfig(_Strict):

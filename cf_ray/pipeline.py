@@ -59,6 +59,9 @@ def stage_outputs(paths: Paths, name: str) -> list[str]:
         return [paths.cluster]
     if name == "retrain":
         return [paths.model("clusterfit"), storage.join(paths.train, "retrain")]
+    if name == "transfer":
+        return [p for m in MODELS for p in (paths.model(f"finetuned_{m}"), paths.features(f"finetuned_{m}", "target_test"),
+                                            storage.join(paths.train, f"finetune_{m}"))]
     if name.startswith("extract_"):
         m, d = name[len("extract_"):].split("_", 1)
         return [paths.features(m, d)]
@@ -223,10 +226,19 @@ def stage_retrain(cfg: JobConfig, run: RunDir, paths: Paths) -> dict:
 
 
 def stage_transfer(cfg: JobConfig, paths: Paths) -> dict:
+    """Linear probes per layer for every model and, with probe.finetune, each model fine-tuned whole (key ``finetuned``)."""
+    from cf_ray.stages.finetune import run_finetune
+
     out = {}
     for m in MODELS:
         out[m] = run_probe(cfg.probe, paths.features(m, "target_train"), paths.features(m, "target_test"))
-        log("transfer " + m + ": " + ", ".join(f"{l} {100 * v['top1']:.1f}%" for l, v in out[m].items()))
+        if cfg.probe.finetune:
+            out[m]["finetuned"] = run_finetune(
+                cfg.probe.finetune_train, cfg.extract, cfg.media, paths.items("target_train"), paths.items("target_test"),
+                paths.model(m), paths.model(f"finetuned_{m}"), paths.features(f"finetuned_{m}", "target_test"),
+                paths.train, f"finetune_{m}", threads=_threads(cfg))
+        log("transfer " + m + ": " + ", ".join(f"{l} {100 * v['score']:.1f}" for l, v in out[m].items())
+            + (" (mAP)" if cfg.probe.multi_label else " (top-1 %)"))
     return {"transfer": out}
 
 

@@ -53,6 +53,8 @@ def test_image_job_end_to_end_and_resume(ray_session, demo):
         assert (run / "plots" / plot).stat().st_size > 1000
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["skipped_inputs"] == 2 and "nmi" in metrics["cluster"]
+    assert "pretrain per epoch:" in report and "retrain per epoch:" in report
+    assert all(h[0]["items_per_s"] > 0 and h[0]["loss"] > 0 for h in metrics["training_history"].values())
     assert (run / "models" / "clusterfit" / "backbone.pt").exists()
     assert load_config(JobConfig, run / "config.yaml") == cfg
 

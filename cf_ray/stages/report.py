@@ -30,18 +30,29 @@ def plot_cluster_sizes(sizes: list[int], path: str) -> None:
     _save(fig, path)
 
 
+def _score(v: dict) -> float:
+    """The headline number of a probe or fine-tune: top-1, or mAP for multi-label targets (older runs: top1)."""
+    return v["score"] if "score" in v else v["top1"]
+
+
+def _metric_name(transfer: dict) -> str:
+    first = next(iter(next(iter(transfer.values())).values()))
+    return "mAP" if first.get("metric") == "map" else "top-1"
+
+
 def plot_transfer(transfer: dict, path: str) -> None:
     models = list(transfer)
     layers = list(next(iter(transfer.values())))
     fig, ax = plt.subplots(figsize=(6, 3.2))
     w = 0.8 / len(models)
     for i, m in enumerate(models):
-        vals = [100 * transfer[m][l]["top1"] for l in layers]
+        vals = [100 * _score(transfer[m][l]) for l in layers]
         bars = ax.bar(np.arange(len(layers)) + i * w - 0.4 + w / 2, vals, w, label=m)
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks(np.arange(len(layers)), layers)
-    ax.set_ylabel("linear probe top-1 (%)")
-    ax.set_title("Transfer: linear probes on frozen features")
+    ax.set_ylabel(f"{_metric_name(transfer)} (%)")
+    ax.set_title("Transfer: linear probes on frozen features (and fine-tuning)" if "finetuned" in layers
+                 else "Transfer: linear probes on frozen features")
     ax.legend(fontsize=8)
     _save(fig, path)
 
@@ -63,19 +74,32 @@ def _table(transfer: dict) -> list[str]:
     layers = list(next(iter(transfer.values())))
     lines = ["| layer | " + " | ".join(models) + " | ClusterFit - pre-trained |", "|---" * (len(models) + 2) + "|"]
     for l in layers:
-        row = [f"{100 * transfer[m][l]['top1']:.1f}" for m in models]
+        row = [f"{100 * _score(transfer[m][l]):.1f}" for m in models]
         delta = ""
         if "pretrained" in transfer and "clusterfit" in transfer:
-            delta = f"{100 * (transfer['clusterfit'][l]['top1'] - transfer['pretrained'][l]['top1']):+.1f}"
+            delta = f"{100 * (_score(transfer['clusterfit'][l]) - _score(transfer['pretrained'][l])):+.1f}"
         lines.append(f"| {l} | " + " | ".join(row) + f" | {delta} |")
     return lines
+
+
+EPOCH_COLUMNS = ("epoch", "loss", "acc", "items_per_s", "seconds", "resumed_from_epoch")
+
+
+def _epoch_table(name: str, history: list[dict]) -> list[str]:
+    """Per-epoch loss, accuracy and throughput of one Ray Train run (as reported every epoch)."""
+    lines = [f"{name} per epoch:", "", "| epoch | loss | accuracy (%) | items/s | seconds | note |", "|---|---|---|---|---|---|"]
+    for r in history:
+        note = f"resumed from the epoch-{r['resumed_from_epoch']} checkpoint" if r.get("resumed_from_epoch") else ""
+        lines.append(f"| {r['epoch']} | {r['loss']:.4f} | {100 * r['acc']:.1f} | {r['items_per_s']:.0f} | "
+                     f"{r.get('seconds', 0):.1f} | {note} |")
+    return lines + [""]
 
 
 def _verdict(transfer: dict, results: dict) -> str:
     """One plain sentence: did ClusterFit help, and if not, the likely reason the run shows."""
     if not {"pretrained", "clusterfit"} <= set(transfer):
         return ""
-    deltas = {l: transfer["clusterfit"][l]["top1"] - transfer["pretrained"][l]["top1"] for l in transfer["pretrained"]}
+    deltas = {l: _score(transfer["clusterfit"][l]) - _score(transfer["pretrained"][l]) for l in transfer["pretrained"]}
     wins = [l for l, d in deltas.items() if d > 0]
     best = max(deltas, key=deltas.get)
     text = (f"ClusterFit beats the pre-trained network on {len(wins)} of {len(deltas)} layers "
@@ -93,7 +117,7 @@ def _verdict(transfer: dict, results: dict) -> str:
         if hints:
             text += " Likely reasons: " + "; ".join(hints) + "."
     if "random" in transfer:
-        weak = [l for l in deltas if transfer["pretrained"][l]["top1"] <= transfer["random"][l]["top1"]]
+        weak = [l for l in deltas if _score(transfer["pretrained"][l]) <= _score(transfer["random"][l])]
         if len(weak) * 2 > len(deltas):
             text += (" Note: the pre-trained network itself is no better than a random one on "
                      f"{len(weak)} of {len(deltas)} layers, so its proxy task taught it little about this target.")
@@ -109,9 +133,12 @@ def run_report(run_dir: str, title: str = "ClusterFit run") -> dict:
 
     transfer = results.get("transfer", {}).get("transfer")
     if transfer:
-        metrics["transfer"] = {m: {l: v["top1"] for l, v in t.items()} for m, t in transfer.items()}
+        metrics["transfer"] = {m: {l: _score(v) for l, v in t.items()} for m, t in transfer.items()}
+        metrics["transfer_metric"] = _metric_name(transfer)
         plot_transfer(transfer, run.path("plots", "transfer.png"))
-        lines += ["## Transfer (headline)", "", "Linear-probe top-1 (%) on the target's test split, frozen features:", ""]
+        lines += ["## Transfer (headline)", "", f"{_metric_name(transfer)} (%) on the target's test split: linear probes on frozen "
+                  "features per layer" + ("; `finetuned`: the whole network fine-tuned on the target's train split." if any(
+                      "finetuned" in t for t in transfer.values()) else "."), ""]
         lines += _table(transfer) + ["", _verdict(transfer, results), "", "![transfer](plots/transfer.png)", ""]
 
     stats_path = run.path("cluster", "stats.json")
@@ -138,6 +165,9 @@ def run_report(run_dir: str, title: str = "ClusterFit run") -> dict:
             lines.append(f"- {n}: {len(h)} epochs, final loss {last['loss']:.3f}, accuracy {100 * last['acc']:.1f}%, "
                          f"{last['items_per_s']:.0f} items/s")
         lines.append("")
+        for n, h in histories.items():
+            lines += _epoch_table(n, h)
+        metrics["training_history"] = {n: [{k: r.get(k) for k in EPOCH_COLUMNS} for r in h] for n, h in histories.items()}
 
     errors = run.errors()
     metrics["skipped_inputs"] = errors.num_rows

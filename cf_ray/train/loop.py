@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from cf_ray.train.sampling import balance_rates, uniform_over_classes
 
 STATE = "state.pt"
 HISTORY = "history.json"
+HEAD = "head.pt"  # the classifier head, saved beside backbone.pt (fine-tuned models are evaluated with it)
 
 
 class Classifier(nn.Module):
@@ -137,6 +139,10 @@ def train_loop_per_worker(config: dict) -> None:
         import io
 
         net.load_state_dict(torch.load(io.BytesIO(storage.read_bytes(config["init_from"])), map_location="cpu", weights_only=True)["model"])
+    if config.get("init_backbone"):  # fine-tuning: start from a saved backbone folder (the head stays seeded-random)
+        from cf_ray.models.checkpoint import load_state_dict
+
+        net.backbone.load_state_dict(load_state_dict(storage.join(config["init_backbone"], "backbone.pt")))
     model = rtt.prepare_model(net)
     inner = model.module if hasattr(model, "module") else model
     device = rtt.get_device()
@@ -243,6 +249,19 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
 
 
+def save_head(head: nn.Linear, model_uri: str) -> None:
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in head.state_dict().items()}, buf)
+    storage.write_bytes(storage.join(model_uri, HEAD), buf.getvalue())
+
+
+def load_head(model_uri: str) -> nn.Linear:
+    sd = torch.load(io.BytesIO(storage.read_bytes(storage.join(model_uri, HEAD))), map_location="cpu", weights_only=True)
+    head = nn.Linear(sd["weight"].shape[1], sd["weight"].shape[0])
+    head.load_state_dict(sd)
+    return head
+
+
 def training_dataset(items: pa.Table, media: ImageConfig | VideoConfig, seed: int, block_rows: int = 2048
                      ) -> tuple[ray.data.Dataset, pa.Table, int]:
     """(dataset of decoded inputs + target, rows that failed to decode, rows).
@@ -272,6 +291,7 @@ def training_dataset(items: pa.Table, media: ImageConfig | VideoConfig, seed: in
 def train_classifier(
     cfg: TrainConfig, media: ImageConfig | VideoConfig, items: pa.Table, task: str, num_classes: int,
     storage_path: str, name: str, model_uri: str, threads: int = 0, step_hook=None, init_from: str | None = None,
+    init_backbone: str | None = None,
 ) -> dict:
     """Train on ``items`` (id, path, target) and save the final backbone to ``model_uri``.
 
@@ -280,6 +300,7 @@ def train_classifier(
     A float ``target`` (a list per item) is a soft target for distillation: class probabilities, or for
     rotation 4x4 (per rotation of the item, the teacher's probabilities over the 4 rotations), flattened.
     init_from: a training state file (``state.pt`` of a checkpoint) to start from, head included.
+    init_backbone: a saved backbone folder to start from (fine-tuning); the head is saved beside the backbone (head.pt).
     step_hook(epoch, step, rank), if given, runs on every worker after each optimizer step (fault-injection
     tests use it). Returns {history, rows, undecodable, best}.
     """
@@ -305,6 +326,7 @@ def train_classifier(
             "class_weights": balance if cfg.class_weighted_loss else None,
             "draw_rates": balance if cfg.sampling == "uniform" else None,
             "rows": rows, "name": name, "threads": threads, "step_hook": step_hook, "init_from": init_from,
+            "init_backbone": storage.absolute(init_backbone) if init_backbone else None,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=gpu, resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpu else {})}
@@ -328,6 +350,7 @@ def train_classifier(
     model = Classifier(build(cfg.model), num_classes)
     model.load_state_dict(state["model"])
     save_backbone(model.backbone, cfg.model, model_uri)
+    save_head(model.head, model_uri)
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["acc"])
     best = {"epoch": best_metrics["epoch"], "acc": best_metrics["acc"], "checkpoint": best_ckpt.path}
     return {"history": history, "rows": rows, "undecodable": bad, "best": best}
