@@ -70,6 +70,7 @@ def run_stage(stage: str, cfg: JobConfig) -> dict:
         inputs = pl.check_inputs(cfg)
         run.stage("items", lambda: pl.stage_items(run, paths, inputs))
     init_ray(cfg.ray.num_cpus, cfg.ray.object_store_mb)
+    pl.check_cluster(cfg)
     first = {"pretrain": "pretrain", "extract": "extract_source", "cluster": "cluster", "retrain": "retrain",
              "transfer": "extract_random_target_train"}[stage]
     pl.redo_from(run, paths, first)

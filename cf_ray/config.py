@@ -19,6 +19,17 @@ class ConfigError(ValueError):
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_yes_no(cls, data):
+        """YAML reads a bare yes/no as a boolean: give a field whose choices include 'yes' its word back."""
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key)
+                if isinstance(value, bool) and field is not None and "yes" in getattr(field.annotation, "__args__", ()):
+                    data = {**data, key: "yes" if value else "no"}
+        return data
+
 
 class ImageConfig(_Strict):
     """How an image file becomes a network input."""

@@ -5,6 +5,7 @@ Every source becomes one Arrow table of (id, path, label); files that are skippe
 """
 from __future__ import annotations
 
+import os
 import posixpath
 
 import pyarrow as pa
@@ -43,15 +44,17 @@ def list_items(source: str, exts: tuple[str, ...] = IMAGE_EXTS) -> tuple[pa.Tabl
 
 
 def _from_folder(fs: pafs.FileSystem, root: str, source: str, exts: tuple[str, ...]):
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    files = sorted(i.path for i in infos if i.type == pafs.FileType.File)
+    found = _walk_local(root) if isinstance(fs, pafs.LocalFileSystem) else _walk_fs(fs, root, source)
     keep, skip = [], []
-    for f in files:
-        rel = f[len(root):].lstrip("/")
+    for rel, full, problem in sorted(found):
         if posixpath.basename(rel).startswith("."):
             continue  # hidden files (.DS_Store, ._foo) are not data
-        full = source.rstrip("/") + "/" + rel if storage.is_uri(source) else f
-        (keep if rel.lower().endswith(exts) else skip).append((rel, full))
+        if problem:
+            skip.append((rel, full, problem))
+        elif rel.lower().endswith(exts):
+            keep.append((rel, full))
+        else:
+            skip.append((rel, full, f"unsupported file type (expected one of {', '.join(exts)})"))
     # Labels come from the first folder level, only when every kept file sits in one.
     labelled = bool(keep) and all("/" in rel for rel, _ in keep)
     items = pa.table(
@@ -63,15 +66,56 @@ def _from_folder(fs: pafs.FileSystem, root: str, source: str, exts: tuple[str, .
         schema=ITEMS_SCHEMA,
     )
     skipped = pa.table(
-        {
-            "id": [rel for rel, _ in skip],
-            "path": [full for _, full in skip],
-            "stage": ["list"] * len(skip),
-            "error": [f"unsupported file type (expected one of {', '.join(exts)})"] * len(skip),
-        },
+        {"id": [s[0] for s in skip], "path": [s[1] for s in skip], "stage": ["list"] * len(skip), "error": [s[2] for s in skip]},
         schema=ERRORS_SCHEMA,
     )
     return items, skipped
+
+
+def _walk_fs(fs: pafs.FileSystem, root: str, source: str) -> list[tuple[str, str, str]]:
+    """(id, path, problem) of every file under an object-store prefix (no links there)."""
+    out = []
+    for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        if i.type == pafs.FileType.File:
+            rel = i.path[len(root):].lstrip("/")
+            out.append((rel, source.rstrip("/") + "/" + rel, ""))
+    return out
+
+
+def _walk_local(root: str) -> list[tuple[str, str, str]]:
+    """(id, path, problem) of every file under a local folder, following directory links once each.
+
+    Problems (the entry is recorded as skipped, not dropped): a name that is not valid UTF-8 (Arrow strings
+    cannot hold it), a directory link back into the tree (a loop), a link to nothing or a link loop.
+    """
+    out, seen = [], set()
+    for top, dirs, files in os.walk(root, followlinks=True):
+        st = os.stat(top)
+        if (st.st_dev, st.st_ino) in seen:  # reached again through a link: a loop or a second path
+            dirs.clear()
+            rel = os.path.relpath(top, root).replace(os.sep, "/")
+            out.append((_printable(rel), _printable(top), "folder reached again through a link (a loop or a second path "
+                        "to it); listed once, not followed here"))
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()  # a folder reachable twice is listed under the same name on every run
+        for name in files + [d for d in dirs if not os.path.isdir(os.path.join(top, d))]:
+            full = os.path.join(top, name)
+            rel = os.path.relpath(full, root).replace(os.sep, "/")
+            if _printable(full) != full:
+                out.append((_printable(rel), _printable(full), "file name is not valid UTF-8; rename the file to read it"))
+            elif not os.path.exists(full):  # stat follows links: a dangling link or a link loop
+                out.append((rel, full, "broken symbolic link or symlink loop"))
+            elif os.path.isfile(full):
+                out.append((rel, full, ""))
+            else:
+                out.append((rel, full, "not a regular file"))
+    return out
+
+
+def _printable(name: str) -> str:
+    """A file name as valid UTF-8: undecodable bytes (held as surrogates by os) become \\xNN escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _from_manifest(source: str):

@@ -1,4 +1,4 @@
-"""Small real image files for tests."""
+"""Small real image and media files for tests."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,3 +17,19 @@ def write_image(path: Path, size=(40, 30), mode="RGB", fmt="JPEG", seed=0) -> Pa
     a = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
     Image.fromarray(a.squeeze(-1) if channels == 1 else a, mode).save(path, format=fmt)
     return path
+
+
+def write_audio_only(path: Path) -> None:
+    """A container holding one AAC stream and no video: listed as a video, rejected by the decoder."""
+    import av
+
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("aac", rate=8000)
+        s.layout = "mono"
+        for i in range(4):
+            f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            f.sample_rate, f.pts = 8000, i * 1024
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)

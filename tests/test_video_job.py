@@ -2,7 +2,6 @@
 import json
 from pathlib import Path
 
-import av
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -12,6 +11,7 @@ import pytest
 from cf_ray.config import JobConfig, load_config
 from cf_ray.demo_video import MOTIONS, make_video_demo_splits
 from cf_ray.pipeline import run_job
+from helpers import write_audio_only
 
 TINY = [
     "modality=video", "video.size=16", "video.clip_len=4", "video.stride=1", "video.num_clips=2",
@@ -20,20 +20,6 @@ TINY = [
     "extract.batch_size=8", "extract.block_rows=8", "cluster.k=4", "cluster.niter=5",
     "probe.epochs=20", "probe.weight_decays=[0.001]",
 ]
-
-
-def write_audio_only(path: Path) -> None:
-    """An .mp4 holding one AAC stream and no video: listed as a video, rejected by the decoder."""
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("aac", rate=8000)
-        s.layout = "mono"
-        for i in range(4):
-            f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-            f.sample_rate, f.pts = 8000, i * 1024
-            for p in s.encode(f):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
 
 
 @pytest.fixture(scope="module")
