@@ -6,16 +6,27 @@ import os
 import ray
 
 
+_dashboard: str | None = None  # the cluster's dashboard, when this process joined one
+
+
+def dashboard_url() -> str | None:
+    """http://host:port of the joined cluster's dashboard (None for a local Ray without one)."""
+    if _dashboard and not _dashboard.startswith("http"):
+        return "http://" + _dashboard
+    return _dashboard
+
+
 def init_ray(num_cpus: int | None = None, object_store_mb: int = 1024) -> None:
     """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local Ray.
 
     Inside a submitted job ``ray.init()`` must get no resource arguments.
     """
+    global _dashboard
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        _dashboard = ray.init().dashboard_url or None
     else:
         ray.init(
             address="local",  # a new local Ray, even if `ray start` left a cluster address behind
@@ -31,8 +42,12 @@ def cluster_gpus() -> float:
 
 
 def want_gpu(choice: str) -> bool:
-    """'auto' -> a GPU only where the cluster has one; 'yes' on a GPU-less cluster is an error, not a hang."""
+    """'auto' -> a GPU only where the cluster has one now; 'yes' on a GPU-less local Ray is an error, not a hang.
+
+    A joined cluster may autoscale GPU workers from zero (cluster.yaml, KubeRay): there 'yes' is trusted and the
+    autoscaler starts GPU nodes for the request, while 'auto' sees no GPU yet and would run on CPUs.
+    """
     gpus = cluster_gpus()
-    if choice == "yes" and gpus == 0:
+    if choice == "yes" and gpus == 0 and not os.environ.get("RAY_ADDRESS"):
         raise RuntimeError("use_gpu=yes but the Ray cluster has no GPU; set use_gpu=auto or no")
     return choice == "yes" or (choice == "auto" and gpus > 0)

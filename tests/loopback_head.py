@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -84,13 +86,36 @@ class LoopbackHead:
                 raise RuntimeError(f"ray job submit failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
             time.sleep(2)
 
-    def wait(self, submission_id: str, timeout: float) -> tuple[str, str]:
-        """Follow the job's log until it ends; returns (final status, log)."""
-        logs = self.cli("job", "logs", "--follow", submission_id, timeout=timeout).stdout
+    def wait(self, submission_id: str, timeout: float, metrics_prefix: str | None = None) -> tuple[str, str, dict]:
+        """Follow the job's log until it ends; returns (final status, log, {metric: last value} of the series
+        named ``metrics_prefix``* seen on the metrics export while the job ran: gauges vanish soon after their
+        process exits, so they are sampled during the run)."""
+        seen: dict[str, float] = {}
+        done = threading.Event()
+
+        def sample():
+            while True:
+                try:
+                    for line in self.metrics().splitlines():
+                        if metrics_prefix and line.startswith(metrics_prefix):
+                            series, value = line.rsplit(" ", 1)
+                            seen[series] = float(value)
+                except OSError:
+                    pass
+                if done.wait(2):
+                    return
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            logs = self.cli("job", "logs", "--follow", submission_id, timeout=timeout).stdout
+        finally:
+            done.set()
+            sampler.join()
         status = self.cli("job", "status", submission_id).stdout
         m = re.search(r"status: (\w+)|Job '.*' (succeeded|failed|stopped)", status)
         final = next((g for g in (m.groups() if m else ()) if g), "UNKNOWN").upper()
-        return final, logs
+        return final, logs, seen
 
     def metrics(self) -> str:
         """The node's Prometheus export (application metrics from ray.util.metrics among Ray's own)."""
@@ -113,3 +138,4 @@ class LoopbackHead:
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        shutil.rmtree(self.temp_dir, ignore_errors=True)

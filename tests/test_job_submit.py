@@ -54,7 +54,7 @@ def test_image_job_through_ray_job_submit_on_s3(head, s3, tmp_path):
     head.submit(["python", "jobs/clusterfit_image.py", "--data", data_uri, "--target", target_uri, "--run-dir", run,
                  "pretrain.source=checkpoint", f"pretrain.checkpoint={s3.uri('in', 'weights.pt')}", *TINY],
                 working_dir=str(ROOT), submission_id="cf-image")
-    status, logs = head.wait("cf-image", timeout=400)
+    status, logs, seen = head.wait("cf-image", timeout=400, metrics_prefix="ray_cf_ray_")
     assert status == "SUCCEEDED", logs[-4000:]
     assert "Connecting to existing Ray cluster" in logs and "stage report: done" in logs
 
@@ -70,4 +70,16 @@ def test_image_job_through_ray_job_submit_on_s3(head, s3, tmp_path):
     metrics = json.loads(s3.read("runs", "job", "metrics.json"))
     assert set(metrics["transfer"]) == {"random", "pretrained", "clusterfit"} and metrics["skipped_inputs"] == 1
     assert pq.read_table(s3.key("runs", "job", "cluster", "assignments.parquet"), filesystem=s3.fs).num_rows == 24
-    assert "broken.jpg" in s3.read("runs", "job", "report.md").decode()
+    report = s3.read("runs", "job", "report.md").decode()
+    assert "broken.jpg" in report and f"Ray dashboard of this run: {head.address}" in report
+
+    # The custom metrics reached the head's Prometheus export, from the extraction actors, the Train worker and the driver.
+    def value(name, **tags):
+        hits = [v for k, v in seen.items() if k.startswith(name + "{") and all(f'{t}="{x}"' in k for t, x in tags.items())]
+        return sum(hits) if hits else None
+    assert value("ray_cf_ray_items_processed_total", stage="extract") == 24 + 3 * (18 + 12)  # source, then the target with 3 models
+    assert value("ray_cf_ray_items_skipped_total", stage="extract") == 1
+    assert value("ray_cf_ray_items_processed_total", stage="retrain") == 24
+    iterations = len(json.loads(s3.read("runs", "job", "cluster", "stats.json"))["history"])  # faiss stops once converged
+    assert value("ray_cf_ray_kmeans_iterations_total", layer="res5") == iterations and value("ray_cf_ray_kmeans_objective") > 0
+    assert value("ray_cf_ray_train_loss", run="retrain") > 0 and value("ray_cf_ray_train_items_per_second", run="retrain") > 0

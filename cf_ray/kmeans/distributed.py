@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from cf_ray import storage
+from cf_ray import metrics, storage
 from cf_ray.kmeans import _checkpoint as ckpt
 from cf_ray.kmeans import core
 from cf_ray.kmeans._blas import faiss_blas_note
@@ -484,6 +484,7 @@ def fit_distributed(files: list[str], layer: str, cfg, num_actors: int, cpus_per
             state.iteration, state.converged = it + 1, _converged(state.history, cfg.tol)
             if checkpoint_uri:
                 ckpt.save_state(checkpoint_uri, state, fingerprint)
+            metrics.kmeans_iteration(rec["obj"], layer)
             log(f"kmeans[ray] it {it}: obj {rec['obj']:.6g} imbalance {rec['imbalance']:.3f} nsplit {rec['nsplit']} {rec['time']:.2f}s")
             if callback:
                 callback(rec)

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from cf_ray import storage
+from cf_ray import metrics, storage
 from cf_ray.config import ClusterConfig
 from cf_ray.kmeans._blas import faiss_blas_note
 from cf_ray.kmeans.core import cluster_stats, preprocess_fit, sizes_stats
@@ -90,6 +90,8 @@ def _cluster_faiss(cfg: ClusterConfig, features_uri: str, out_uri: str) -> dict:
         log(f"cluster: note: {note}")
     x, transform = preprocess_fit(feats, l2=cfg.l2_normalize, pca_dim=cfg.pca_dim)
     centroids, history = fit_faiss(x, cfg)
+    for h in history:
+        metrics.kmeans_iteration(h["obj"], cfg.layer)
     labels, dist = assign(x, centroids)
     stats = cluster_stats(labels, dist, cfg.k)
     stats["history"] = history

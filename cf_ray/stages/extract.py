@@ -27,7 +27,7 @@ import torch
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 
-from cf_ray import storage
+from cf_ray import metrics, storage
 from cf_ray.config import ExtractConfig, ImageConfig, VideoConfig
 from cf_ray.media.image import decode_images
 from cf_ray.rundir import log
@@ -152,6 +152,7 @@ class Extractor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ok = np.array([e == "" for e in batch["error"]], dtype=bool)
+        metrics.items("extract", int(ok.sum()), int((~ok).sum()))
         video = "clips" in batch
         pixels = batch["clips" if video else "image"][ok]
         per_item = pixels.shape[1] if video else 1  # clips per video
@@ -255,7 +256,7 @@ def _extract(cfg: ExtractConfig, media: ImageConfig | VideoConfig, items: pa.Tab
         num_cpus=cfg.cpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
     )
-    ds.set_name("extract")
+    ds.set_name("extract_" + "_".join(out_uri.rstrip("/").split("/")[-2:]))  # e.g. extract_pretrained_source in the dashboard
     ds.write_datasink(PartSink(storage.absolute(out_uri)))
 
 

@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cf_ray import storage  # noqa: E402
+from cf_ray.metrics import report_section as monitoring_section  # noqa: E402
 from cf_ray.rundir import RunDir  # noqa: E402
 
 
@@ -183,6 +184,7 @@ def run_report(run_dir: str, title: str = "ClusterFit run") -> dict:
     for n, s in manifest["stages"].items():
         lines.append(f"| {n} | {s.get('status')} | {s.get('seconds', '')} |")
     lines += ["", "Resolved configuration: `config.yaml`. Machine-readable results: `metrics.json`.", ""]
+    lines += monitoring_section()
     storage.write_json(run.path("metrics.json"), metrics)
     storage.write_bytes(run.path("report.md"), "\n".join(lines).encode())
     return {"report": run.path("report.md"), "metrics": run.path("metrics.json")}

@@ -22,6 +22,7 @@ import ray
 import torch
 from torch import nn
 
+from cf_ray import metrics as cf_metrics
 from cf_ray import storage
 from cf_ray.config import ImageConfig, TrainConfig, VideoConfig
 from cf_ray.rundir import log
@@ -241,6 +242,7 @@ def train_loop_per_worker(config: dict) -> None:
                 torch.save({"model": inner.state_dict(), "opt": opt.state_dict(), "epoch": epoch}, os.path.join(d, STATE))
                 json.dump(history, open(os.path.join(d, HISTORY), "w"))
                 checkpoint = ray.train.Checkpoint.from_directory(d)
+                cf_metrics.train_epoch(config["name"], metrics["loss"], metrics["items_per_s"], sum(r["seen"] for r in ranks))
                 print(
                     f"[cf_ray] {config['name']} epoch {epoch + 1}/{cfg.epochs}: loss {metrics['loss']:.4f} "
                     f"acc {metrics['acc']:.3f} {metrics['items_per_s']:.0f} items/s",
@@ -313,6 +315,7 @@ def train_classifier(
     if task == "labels" and (cfg.sampling == "uniform" or cfg.class_weighted_loss):
         balance = balance_rates(np.bincount(items["target"].to_numpy(), minlength=num_classes))
     ds, bad, rows = training_dataset(items, media, cfg.seed)
+    ds.set_name(f"{name}_train")  # how the dashboard's Data view names it
     if rows == 0:
         raise ValueError(f"{name}: none of the {items.num_rows} training images could be decoded")
     gpu = want_gpu(cfg.use_gpu)

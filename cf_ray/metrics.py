@@ -1,0 +1,74 @@
+"""Custom metrics (ray.util.metrics), exported by every node's metrics agent for Prometheus and the dashboard.
+
+Ray prefixes the names with ``ray_`` and counters get ``_total``: e.g. ``ray_cf_ray_items_processed_total``.
+Each stage records with one call; outside Ray (plain unit tests, a stage run alone without Ray) calls do nothing.
+"""
+from __future__ import annotations
+
+import functools
+
+import ray
+
+ITEMS_PROCESSED = "cf_ray_items_processed"
+ITEMS_SKIPPED = "cf_ray_items_skipped"
+KMEANS_OBJECTIVE = "cf_ray_kmeans_objective"
+KMEANS_ITERATIONS = "cf_ray_kmeans_iterations"
+TRAIN_LOSS = "cf_ray_train_loss"
+TRAIN_ITEMS_PER_S = "cf_ray_train_items_per_second"
+
+# (exported name, what it counts) for the report and docs
+EXPORTED = {
+    f"ray_{ITEMS_PROCESSED}_total": "inputs decoded and passed through a network, by stage (extract, pretrain, retrain)",
+    f"ray_{ITEMS_SKIPPED}_total": "inputs skipped (undecodable), by stage",
+    f"ray_{KMEANS_ITERATIONS}_total": "k-means iterations done",
+    f"ray_{KMEANS_OBJECTIVE}": "k-means objective (sum of squared distances) of the latest iteration",
+    f"ray_{TRAIN_LOSS}": "training loss of the latest epoch, by run (pretrain, retrain)",
+    f"ray_{TRAIN_ITEMS_PER_S}": "training throughput of the latest epoch, by run",
+}
+
+
+@functools.cache
+def _metric(kind: str, name: str, tag: str):
+    from ray.util import metrics
+
+    cls = {"counter": metrics.Counter, "gauge": metrics.Gauge}[kind]
+    return cls(name, description=EXPORTED.get(f"ray_{name}_total", EXPORTED.get(f"ray_{name}", "")), tag_keys=(tag,))
+
+
+def _on() -> bool:
+    return ray.is_initialized()
+
+
+def items(stage: str, processed: int, skipped: int = 0) -> None:
+    if _on():
+        if processed:
+            _metric("counter", ITEMS_PROCESSED, "stage").inc(processed, tags={"stage": stage})
+        if skipped:
+            _metric("counter", ITEMS_SKIPPED, "stage").inc(skipped, tags={"stage": stage})
+
+
+def kmeans_iteration(objective: float, layer: str) -> None:
+    if _on():
+        _metric("gauge", KMEANS_OBJECTIVE, "layer").set(float(objective), tags={"layer": layer})
+        _metric("counter", KMEANS_ITERATIONS, "layer").inc(1, tags={"layer": layer})
+
+
+def train_epoch(run: str, loss: float, items_per_s: float, items: int) -> None:
+    if _on():
+        _metric("gauge", TRAIN_LOSS, "run").set(float(loss), tags={"run": run})
+        _metric("gauge", TRAIN_ITEMS_PER_S, "run").set(float(items_per_s), tags={"run": run})
+        _metric("counter", ITEMS_PROCESSED, "stage").inc(items, tags={"stage": run})
+
+
+def report_section() -> list[str]:
+    """Markdown for the report: where this run could be watched, and the metric names to look for."""
+    from cf_ray.runtime import dashboard_url
+
+    url = dashboard_url()
+    where = (f"Ray dashboard of this run: {url} (Jobs: the job log; Data: the named datasets `extract_<model>_<dataset>` "
+             "and `<pretrain|retrain>_train`; Metrics: the series below, with Prometheus/Grafana set up)." if url else
+             "This run started a local Ray without a dashboard; on a cluster (docs/cluster.md) the dashboard shows the job "
+             "log, the named datasets and these series live.")
+    lines = ["## Monitoring", "", where, "", "| metric (Prometheus name) | what |", "|---|---|"]
+    lines += [f"| `{name}` | {what} |" for name, what in EXPORTED.items()]
+    return lines + ["", "Every node exports them at its `--metrics-export-port` (`/metrics`).", ""]
