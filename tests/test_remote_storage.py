@@ -5,6 +5,7 @@ The whole job on S3 through `ray job submit` is in test_job_submit.py; these are
 import io
 import pickle
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
@@ -87,3 +88,16 @@ def test_checkpoint_from_s3_loads_weights_and_refuses_pickled_objects(s3, tmp_pa
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         import_checkpoint(s3.uri("in", "evil.pt"), cfg, s3.uri("models", "evil"))
     assert not storage.exists(s3.uri("models", "evil"))
+
+
+def test_kmeans_checkpoint_on_s3_refuses_pickled_centroids(s3):
+    from cf_ray.kmeans._checkpoint import FitState, load_state, save_state
+
+    uri, fp = s3.uri("runs", "km", "_checkpoint"), {"k": 2}
+    save_state(uri, FitState(3, np.eye(2, dtype=np.float32), [{"obj": 1.0}], False, None), fp)
+    assert load_state(uri, fp).iteration == 3 and np.array_equal(load_state(uri, fp).centroids, np.eye(2))
+    buf = io.BytesIO()
+    np.save(buf, np.array([_Exploit()], dtype=object), allow_pickle=True)
+    storage.write_bytes(storage.join(uri, storage.read_json(storage.join(uri, "state.json"))["centroids"]), buf.getvalue())
+    with pytest.raises(ValueError, match="allow_pickle=False"):
+        load_state(uri, fp)

@@ -69,9 +69,9 @@ def load_state(uri: str, fingerprint: dict) -> FitState | None:
     if diff:
         detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
         raise CheckpointMismatch(f"checkpoint {uri} belongs to another k-means fit ({detail}); delete it or use another folder")
-    centroids = np.load(io.BytesIO(storage.read_bytes(storage.join(uri, s["centroids"]))))
+    centroids = np.load(io.BytesIO(storage.read_bytes(storage.join(uri, s["centroids"]))), allow_pickle=False)
     transform = None
     if storage.exists(storage.join(uri, TRANSFORM)):
-        with np.load(io.BytesIO(storage.read_bytes(storage.join(uri, TRANSFORM)))) as z:
+        with np.load(io.BytesIO(storage.read_bytes(storage.join(uri, TRANSFORM))), allow_pickle=False) as z:
             transform = {k: z[k] for k in z.files}
     return FitState(s["iteration"], centroids, s["history"], s["converged"], transform)
