@@ -89,8 +89,9 @@ def test_killed_extraction_actor_loses_no_item(ray_session, small):
     def kill_extractor_while_it_works():
         while not done.is_set() and not killed:
             for pid, cmd in _proc_children(raylet):
-                # Ray titles an actor process "ray::<class>.<method>" while it runs a task.
-                if cmd.startswith("ray::MapWorker(") and "Extractor" in cmd and ".submit" in cmd:
+                # Ray titles an actor process "ray::<class>.<method>" while it runs a task; once a part is
+                # committed the actor is mid-run whatever it is doing.
+                if cmd.startswith("ray::MapWorker(") and "Extractor" in cmd and (".submit" in cmd or _committed(out)):
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
             time.sleep(0.01)
