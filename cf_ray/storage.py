@@ -15,7 +15,7 @@ def is_uri(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
-# Credentials and endpoint come from the environment (instance profile, AWS_* / GOOGLE_* variables);
+# Credentials and endpoint come from the environment (instance profile, AWS_* variables, gcloud defaults);
 # the endpoint and key id are part of the cache key so a changed environment gets a new filesystem.
 _CREDENTIAL_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_PROFILE")
 

@@ -42,9 +42,7 @@ class LoopbackHead:
     """`ray start --head` in its own session: every daemon it starts shares that session id, workers keep it,
     and job drivers are their descendants, so stop() finds them all without touching other Rays."""
 
-    def __init__(self, auth_mode: str = "token", num_cpus: int = 2, extra_env: dict | None = None):
-        gcs, self.dashboard_port, agent, agent_grpc, self.metrics_port, runtime_env, client = free_ports(7)
-        self.temp_dir = tempfile.mkdtemp(prefix="cfhead", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    def __init__(self, auth_mode: str = "token", num_cpus: int = 2, extra_env: dict | None = None, attempts: int = 2):
         self.token = secrets.token_hex(32) if auth_mode == "token" else ""
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
         env.update(
@@ -55,18 +53,26 @@ class LoopbackHead:
         if not self.token:
             env.pop("RAY_AUTH_TOKEN")
         self.env = env
+        # Ray gives a raylet a fixed 30 s to register; on a machine busy with other work that can pass: start again.
+        for attempt in range(attempts):
+            out = self._start(num_cpus)
+            if self.starter.returncode == 0:
+                return
+            self.stop()
+        raise RuntimeError(f"ray start --head failed {attempts} times; last output:\n{out[-3000:]}")
+
+    def _start(self, num_cpus: int) -> str:
+        gcs, self.dashboard_port, agent, agent_grpc, self.metrics_port, runtime_env, client = free_ports(7)
+        self.temp_dir = tempfile.mkdtemp(prefix="cfhead", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
                f"--dashboard-port={self.dashboard_port}", f"--dashboard-agent-listen-port={agent}",
                f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={self.metrics_port}",
                f"--runtime-env-agent-port={runtime_env}", f"--ray-client-server-port={client}", f"--num-cpus={num_cpus}",
                "--object-store-memory=300000000", f"--temp-dir={self.temp_dir}", "--disable-usage-stats"]
-        self.starter = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        self.starter = subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         start_new_session=True)
-        out, _ = self.starter.communicate(timeout=180)
-        if self.starter.returncode != 0:
-            self.stop()
-            raise RuntimeError(f"ray start --head failed:\n{out[-3000:]}")
+        return self.starter.communicate(timeout=180)[0]
 
     def cli(self, *args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
         """A Ray CLI call against this head, with its auth settings (or ``env`` to override them)."""

@@ -19,6 +19,7 @@ TINY = [
     "image.size=16", "pretrain.train.model.width=4", "retrain.model.width=4", "retrain.epochs=1", "retrain.batch_size=32",
     "extract.block_rows=64", "extract.layers=[res5]", "cluster.k=4", "cluster.niter=5", "probe.epochs=10",
     "probe.layers=[res5]", "probe.weight_decays=[0.001]", "retrain.max_failures=0",
+    "cluster.backend=ray", "cluster.num_actors=1",  # sharded k-means: its per-iteration checkpoints go to S3 too
 ]
 
 
@@ -60,10 +61,11 @@ def test_image_job_through_ray_job_submit_on_s3(head, s3, tmp_path):
 
     files = s3.listing("runs", "job")
     for f in ("config.yaml", "manifest.json", "metrics.json", "report.md", "errors.parquet", "items/source.parquet",
-              "models/clusterfit/backbone.pt", "cluster/centroids.npy", "cluster/assignments.parquet",
+              "models/clusterfit/backbone.pt", "cluster/centroids.npy", "cluster/assignments.parquet/part-00000.parquet",
               "features/pretrained/source/_SUCCESS.json", "plots/transfer.png"):
         assert f in files, files
     assert any(f.startswith("train/retrain/checkpoint_") and f.endswith("state.pt") for f in files)
+    assert not any(f.startswith("cluster/_checkpoint/") for f in files)  # k-means checkpoints: removed once the fit is done
     assert any(f.startswith("features/clusterfit/target_test/") and f.endswith(".parquet") for f in files)
     manifest = json.loads(s3.read("runs", "job", "manifest.json"))
     assert all(s["status"] == "done" for s in manifest["stages"].values())
@@ -83,3 +85,13 @@ def test_image_job_through_ray_job_submit_on_s3(head, s3, tmp_path):
     iterations = len(json.loads(s3.read("runs", "job", "cluster", "stats.json"))["history"])  # faiss stops once converged
     assert value("ray_cf_ray_kmeans_iterations_total", layer="res5") == iterations and value("ray_cf_ray_kmeans_objective") > 0
     assert value("ray_cf_ray_train_loss", run="retrain") > 0 and value("ray_cf_ray_train_items_per_second", run="retrain") > 0
+
+
+def test_use_gpu_yes_is_trusted_only_on_a_joined_cluster(monkeypatch):
+    from cf_ray.runtime import want_gpu
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(RuntimeError, match="has no GPU"):
+        want_gpu("yes")  # a local Ray never gets a GPU it lacks: an error, not a hang
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    assert want_gpu("yes") and not want_gpu("auto")  # GPU workers may autoscale from zero there
