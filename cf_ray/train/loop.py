@@ -118,6 +118,17 @@ class _Epoch:
 
     def __init__(self):
         self.t0, self.seen, self.loss_sum, self.correct, self.n_out = time.time(), 0, 0.0, 0, 0
+        self.data_wait = 0.0  # seconds the loop waited for its next batch (input pipeline not keeping up)
+
+    def timed(self, batches):
+        it = iter(batches)
+        while True:
+            t = time.perf_counter()
+            batch = next(it, None)
+            self.data_wait += time.perf_counter() - t
+            if batch is None:
+                return
+            yield batch
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -187,7 +198,7 @@ def train_loop_per_worker(config: dict) -> None:
         # Uniform sampling gives ranks unequal numbers of batches; DDP's Join lets the early ones shadow the rest.
         uneven = model.join() if world > 1 and rates is not None else contextlib.nullcontext()
         with uneven:
-            for batch in batches:
+            for batch in ep.timed(batches):
                 pixels = batch[column].numpy()
                 if column == "clips":
                     pixels = pixels[:, 0]  # one random clip per video and epoch
@@ -231,6 +242,7 @@ def train_loop_per_worker(config: dict) -> None:
             "items_per_s": sum(r["seen"] for r in ranks) / max(secs, 1e-9),
             "lr": opt.param_groups[0]["lr"],
             "seconds": secs,
+            "data_wait_s": ep.data_wait,  # rank 0's
             "rank_digests": [r["digest"] for r in ranks],  # SHA-1 of each rank's parameters: equal under DDP
         }
         if epoch == start_epoch and resumed_from is not None:
