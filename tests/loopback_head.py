@@ -42,7 +42,7 @@ class LoopbackHead:
     """`ray start --head` in its own session: every daemon it starts shares that session id, workers keep it,
     and job drivers are their descendants, so stop() finds them all without touching other Rays."""
 
-    def __init__(self, auth_mode: str = "token", num_cpus: int = 2, extra_env: dict | None = None, attempts: int = 2):
+    def __init__(self, auth_mode: str = "token", num_cpus: int = 2, extra_env: dict | None = None, attempts: int = 3):
         self.token = secrets.token_hex(32) if auth_mode == "token" else ""
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
         env.update(
@@ -59,6 +59,7 @@ class LoopbackHead:
             if self.starter.returncode == 0:
                 return
             self.stop()
+            time.sleep(10)
         raise RuntimeError(f"ray start --head failed {attempts} times; last output:\n{out[-3000:]}")
 
     def _start(self, num_cpus: int) -> str:
