@@ -9,6 +9,7 @@ runs in its own sub folder with its own stages, so a killed sweep resumes where 
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import re
 
@@ -16,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import Field, model_validator
+from pydantic import Field, PositiveInt, model_validator
 
 from cf_ray import storage
 from cf_ray.config import ConfigError, JobConfig, ModelConfig, _Strict, dump_config, load_config
@@ -35,12 +36,12 @@ FUSE = "fuse:"
 class GridConfig(_Strict):
     """The ClusterFit settings: every combination of these."""
 
-    k: list[int] = Field([100], min_length=1, description="Numbers of clusters.")
+    k: list[PositiveInt] = Field([100], min_length=1, description="Numbers of clusters.")
     layer: list[str] = Field(
         ["res5"], min_length=1, description="Features clustered: a tap (res4), taps joined by + (res4+res5: each "
         "L2-normalised, concatenated), or fuse:<tap> (this tap of the pre-trained network and of fuse_run's, each "
         "L2-normalised, concatenated: the paper's multi-task variant).")
-    epochs: list[int] = Field([10], min_length=1, description="Retraining epochs.")
+    epochs: list[PositiveInt] = Field([10], min_length=1, description="Retraining epochs.")
     model: list[ModelConfig] = Field([], description="Retrained backbones; default: job.retrain.model.")
 
 
@@ -49,7 +50,9 @@ class ControlsConfig(_Strict):
 
     longer_pretrain: bool = Field(True, description="Continue the pre-training task from its last state (a new warm-up + cosine schedule).")
     distill: bool = Field(True, description="Train a fresh network on the pre-trained network's soft outputs (its proxy or label head).")
-    epochs: int | None = Field(None, gt=0, description="Training epochs of each control; default: the largest grid.epochs.")
+    epochs: int | None = Field(None, gt=0, description="Training epochs of each control; default: the same compute as the largest "
+                               "grid.epochs, i.e. as many images through the network, rounded up: for RotNet (4 rotations "
+                               "per image) ceil(epochs / 4).")
     temperature: float = Field(1.0, gt=0, description="Distillation: softmax temperature of the teacher's logits.")
 
 
@@ -84,7 +87,7 @@ def setting_name(k: int, layer: str, epochs: int, model: ModelConfig) -> str:
 def settings(cfg: SweepConfig) -> list[dict]:
     models = cfg.grid.model or [cfg.job.retrain.model]
     return [{"name": setting_name(k, l, e, m), "k": k, "layer": l, "epochs": e, "model": m}
-            for l, k, e, m in itertools.product(cfg.grid.layer, cfg.grid.k, cfg.grid.epochs, models)]
+            for k, l, e, m in itertools.product(cfg.grid.k, cfg.grid.layer, cfg.grid.epochs, models)]
 
 
 class SubPaths(Paths):
@@ -234,7 +237,13 @@ class Sweep:
                 "train_seconds": sum(h["seconds"] for h in retrain["history"]), "transfer": transfer}
 
     def control_epochs(self) -> int:
-        return self.cfg.controls.epochs or max(self.cfg.grid.epochs)
+        """Same compute as the longest ClusterFit retraining: as many images through the network, rounded up (in the
+        control's favour). A RotNet epoch shows every image 4 times (its rotations), a retraining epoch once."""
+        if self.cfg.controls.epochs:
+            return self.cfg.controls.epochs
+        pre = self.base_cfg.pretrain
+        views = 4 if pre.source != "labels" and pre.proxy == "rotation" else 1
+        return math.ceil(max(self.cfg.grid.epochs) / views)
 
     def run_control(self, name: str) -> dict:
         from cf_ray.stages.controls import latest_state, load_teacher, soft_targets
