@@ -66,7 +66,7 @@ def plot_sweep(refs: dict, rows: list[dict], target: str, path: str) -> None:
     ax.set_title(f"ClusterFit sweep, transfer to {target}")
     lo = min(100 * refs["random"][target][l]["top1"] for l in layers)
     ax.set_xlim(max(0, lo - 10), None)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     _save(fig, path)
 
 
