@@ -20,7 +20,7 @@ demo-image: $(VENV)/.installed
 	$(PY) jobs/clusterfit_image.py --demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=12 tests
 
 clean:
 	rm -rf runs data/demo_images data/demo_videos
