@@ -72,8 +72,8 @@ def run_stage(stage: str, cfg: JobConfig) -> dict:
     init_ray(cfg.ray.num_cpus, cfg.ray.object_store_mb)
     pl.check_cluster(cfg)
     first = {"pretrain": "pretrain", "extract": "extract_source", "cluster": "cluster", "retrain": "retrain",
-             "transfer": "extract_random_target_train"}[stage]
-    pl.redo_from(run, paths, first)
+             "transfer": pl.transfer_stages(next(iter(cfg.transfer_targets())))[0]}[stage]
+    pl.redo_from(cfg, run, paths, first)
     if stage == "pretrain":
         return run.stage("pretrain", lambda: pl.stage_pretrain(cfg, run, paths))
     if stage == "extract":
@@ -83,10 +83,7 @@ def run_stage(stage: str, cfg: JobConfig) -> dict:
     if stage == "retrain":
         return run.stage("retrain", lambda: pl.stage_retrain(cfg, run, paths))
     if stage == "transfer":
-        for m in pl.MODELS:
-            for d in ("target_train", "target_test"):
-                run.stage(f"extract_{m}_{d}", lambda m=m, d=d: pl.stage_extract(cfg, run, paths, m, d))
-        return run.stage("transfer", lambda: pl.stage_transfer(cfg, paths))
+        return {"transfer": pl.run_transfer(cfg, run, paths)}
     raise ValueError(stage)
 
 

@@ -204,6 +204,16 @@ class RayConfig(_Strict):
     object_store_mb: int = Field(1024, gt=50)
 
 
+class TargetConfig(_Strict):
+    """One labelled transfer target."""
+
+    path: str = Field(..., min_length=1, description="A folder with train/ and test/, or one labelled folder/manifest (split deterministically).")
+    multi_label: bool | None = Field(None, description="Several labels per item, scored by mAP; default: probe.multi_label.")
+
+
+TARGET_NAME = r"^[A-Za-z][A-Za-z0-9_-]*$"
+
+
 class JobConfig(_Strict):
     """The whole ClusterFit job, for images or video."""
 
@@ -212,6 +222,9 @@ class JobConfig(_Strict):
     data: str = Field("", description="Images to pre-train and cluster on (folder or manifest); labels, if any, are ignored.")
     data_limit: int | None = Field(None, gt=0, description="Use a seeded random subset of this many source items (VISSL's DATA_LIMIT); none: all.")
     target: str = Field("", description="Labelled target for transfer: a folder with train/ and test/, or one labelled folder/manifest (split deterministically).")
+    targets: dict[str, TargetConfig] = Field({}, description="More transfer targets in the same job, name -> folder (or -> {path, multi_label}), "
+                                             "e.g. targets.flowers=../shared/data/flowers; each gets its own probes, table and plot. "
+                                             "`target`, if set, is the one named 'target'.")
     seed: int = 0
     image: ImageConfig = Field(default_factory=ImageConfig)
     video: VideoConfig = Field(default_factory=VideoConfig)
@@ -234,6 +247,34 @@ class JobConfig(_Strict):
                 if isinstance(node, dict):
                     node.setdefault("arch", "r2plus1d_tiny")
         return data
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _target_paths(cls, value):
+        """``name: path`` is short for ``name: {path: path}``."""
+        if isinstance(value, dict):
+            return {k: {"path": v} if isinstance(v, str) else v for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _target_names(self) -> "JobConfig":
+        import re
+
+        bad = [n for n in self.targets if not re.match(TARGET_NAME, n)]
+        if bad:
+            raise ValueError(f"target names {bad} must start with a letter and hold only letters, digits, _ and -")
+        if self.target and "target" in self.targets:
+            raise ValueError("both target and targets.target are set; give the second target another name")
+        multi = [n for n, t in self.transfer_targets().items() if t.multi_label]
+        if self.probe.finetune and multi:
+            raise ValueError(f"probe.finetune supports single-label targets only, but {multi} are multi_label")
+        return self
+
+    def transfer_targets(self) -> dict[str, TargetConfig]:
+        """Every transfer target by name, with multi_label resolved: `target` first (as 'target'), then `targets`."""
+        named = ({"target": TargetConfig(path=self.target)} if self.target else {}) | self.targets
+        return {n: t.model_copy(update={"multi_label": self.probe.multi_label if t.multi_label is None else t.multi_label})
+                for n, t in named.items()}
 
     @property
     def media(self) -> "ImageConfig | VideoConfig":

@@ -10,15 +10,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cf_ray import storage
-from cf_ray.config import ConfigError, JobConfig, dump_config
+from cf_ray.config import ConfigError, JobConfig, TargetConfig, dump_config
 from cf_ray.rundir import RunDir, log
-from cf_ray.sources import IMAGE_EXTS, VIDEO_EXTS, list_items, load_target
+from cf_ray.sources import IMAGE_EXTS, VIDEO_EXTS, SourceError, list_items, load_target
 from cf_ray.stages.cluster import read_assignments, run_cluster
 from cf_ray.stages.extract import read_items, run_extract, write_items
 from cf_ray.stages.probe import run_probe
 from cf_ray.stages.report import run_report
 
 MODELS = ("random", "pretrained", "clusterfit")  # transfer compares these; random init is the floor
+SPLITS = ("train", "test")  # of every transfer target; its datasets are named <target>_<split>
 
 
 class Paths:
@@ -45,9 +46,19 @@ class Paths:
         return self.run.path("train")
 
 
-def stage_order() -> list[str]:
+def transfer_stages(target: str) -> list[str]:
+    """A target's stages: its splits' features for every model, then its probes (and fine-tuning)."""
+    return [f"extract_{m}_{target}_{s}" for m in MODELS for s in SPLITS] + [f"transfer_{target}"]
+
+
+def stage_order(cfg: JobConfig) -> list[str]:
     return ["items", "pretrain", "extract_source", "cluster", "retrain",
-            *[f"extract_{m}_{d}" for m in MODELS for d in ("target_train", "target_test")], "transfer", "report"]
+            *[s for t in cfg.transfer_targets() for s in transfer_stages(t)], "report"]
+
+
+def finetuned(model: str, target: str) -> str:
+    """Name of ``model`` fine-tuned on ``target`` (its folder under models/ and features/)."""
+    return f"finetuned_{model}_{target}"
 
 
 def stage_outputs(paths: Paths, name: str) -> list[str]:
@@ -59,18 +70,19 @@ def stage_outputs(paths: Paths, name: str) -> list[str]:
         return [paths.cluster]
     if name == "retrain":
         return [paths.model("clusterfit"), storage.join(paths.train, "retrain")]
-    if name == "transfer":
-        return [p for m in MODELS for p in (paths.model(f"finetuned_{m}"), paths.features(f"finetuned_{m}", "target_test"),
-                                            storage.join(paths.train, f"finetune_{m}"))]
+    if name.startswith("transfer_"):
+        t = name[len("transfer_"):]
+        return [p for m in MODELS for p in (paths.model(finetuned(m, t)), paths.features(finetuned(m, t), f"{t}_test"),
+                                            storage.join(paths.train, f"finetune_{m}_{t}"))]
     if name.startswith("extract_"):
         m, d = name[len("extract_"):].split("_", 1)
         return [paths.features(m, d)]
     return []
 
 
-def redo_from(run: RunDir, paths: Paths, name: str) -> None:
+def redo_from(cfg: JobConfig, run: RunDir, paths: Paths, name: str) -> None:
     """Delete the outputs of stage ``name`` and of every later stage, and forget them in the manifest."""
-    order = stage_order()
+    order = stage_order(cfg)
     later = order[order.index(name):]
     for n in later:
         for out in stage_outputs(paths, n):
@@ -85,17 +97,22 @@ def check_inputs(cfg: JobConfig) -> dict[str, tuple[pa.Table, pa.Table]]:
     if cfg.data_limit and source.num_rows > cfg.data_limit:
         keep = np.sort(np.random.default_rng(cfg.seed).choice(source.num_rows, cfg.data_limit, replace=False))
         source = source.take(keep)
-    train, test, skipped_t = load_target(cfg.target, cfg.probe.test_fraction, cfg.seed, exts)
+    targets = cfg.transfer_targets()
+    if not targets:
+        raise SourceError("no target dataset given (pass --target <labelled folder>, or targets.<name>=<folder>)")
     if cfg.pretrain.source == "labels" and source["label"].null_count:
         raise ConfigError(f"pretrain.source=labels needs a label for every source item, but {source['label'].null_count} "
                           f"in {cfg.data} have none; put the images in one folder per class")
     if cfg.cluster.k > source.num_rows:
         raise ConfigError(f"cluster.k={cfg.cluster.k} is larger than the {source.num_rows} {cfg.modality}s in {cfg.data}; "
                           f"set cluster.k <= {source.num_rows}")
-    log(f"inputs: {source.num_rows} source {cfg.modality}s ({skipped.num_rows} skipped), target {train.num_rows} train / "
-        f"{test.num_rows} test ({skipped_t.num_rows} skipped)")
-    empty = skipped.schema.empty_table()
-    return {"source": (source, skipped), "target_train": (train, skipped_t), "target_test": (test, empty)}
+    log(f"inputs: {source.num_rows} source {cfg.modality}s ({skipped.num_rows} skipped)")
+    inputs = {"source": (source, skipped)}
+    for name, t in targets.items():
+        train, test, skipped_t = load_target(t.path, cfg.probe.test_fraction, cfg.seed, exts)
+        log(f"inputs: target {name} ({t.path}): {train.num_rows} train / {test.num_rows} test ({skipped_t.num_rows} skipped)")
+        inputs[f"{name}_train"], inputs[f"{name}_test"] = (train, skipped_t), (test, skipped.schema.empty_table())
+    return inputs
 
 
 def check_cluster(cfg: JobConfig) -> None:
@@ -225,21 +242,35 @@ def stage_retrain(cfg: JobConfig, run: RunDir, paths: Paths) -> dict:
     return {"history": res["history"], "items": res["rows"], "classes": int((counts > 0).sum()), "best": res["best"]}
 
 
-def stage_transfer(cfg: JobConfig, paths: Paths) -> dict:
-    """Linear probes per layer for every model and, with probe.finetune, each model fine-tuned whole (key ``finetuned``)."""
+def stage_transfer(cfg: JobConfig, paths: Paths, name: str, target: TargetConfig) -> dict:
+    """Linear probes per layer for every model on one target and, with probe.finetune, each model fine-tuned
+    whole (key ``finetuned``)."""
     from cf_ray.stages.finetune import run_finetune
 
+    probe = cfg.probe.model_copy(update={"multi_label": target.multi_label})
+    train, test = f"{name}_train", f"{name}_test"
     out = {}
     for m in MODELS:
-        out[m] = run_probe(cfg.probe, paths.features(m, "target_train"), paths.features(m, "target_test"))
+        out[m] = run_probe(probe, paths.features(m, train), paths.features(m, test))
         if cfg.probe.finetune:
             out[m]["finetuned"] = run_finetune(
-                cfg.probe.finetune_train, cfg.extract, cfg.media, paths.items("target_train"), paths.items("target_test"),
-                paths.model(m), paths.model(f"finetuned_{m}"), paths.features(f"finetuned_{m}", "target_test"),
-                paths.train, f"finetune_{m}", threads=_threads(cfg))
-        log("transfer " + m + ": " + ", ".join(f"{l} {100 * v['score']:.1f}" for l, v in out[m].items())
-            + (" (mAP)" if cfg.probe.multi_label else " (top-1 %)"))
-    return {"transfer": out}
+                cfg.probe.finetune_train, cfg.extract, cfg.media, paths.items(train), paths.items(test),
+                paths.model(m), paths.model(finetuned(m, name)), paths.features(finetuned(m, name), test),
+                paths.train, f"finetune_{m}_{name}", threads=_threads(cfg))
+        log(f"transfer to {name}, {m}: " + ", ".join(f"{l} {100 * v['score']:.1f}" for l, v in out[m].items())
+            + (" (mAP)" if probe.multi_label else " (top-1 %)"))
+    return {"target": target.path, "transfer": out}
+
+
+def run_transfer(cfg: JobConfig, run: RunDir, paths: Paths) -> dict:
+    """Every target's stages in order: {target name: {model: {layer: probe result}}}."""
+    out = {}
+    for name, target in cfg.transfer_targets().items():
+        for m in MODELS:
+            for s in SPLITS:
+                run.stage(f"extract_{m}_{name}_{s}", lambda m=m, d=f"{name}_{s}": stage_extract(cfg, run, paths, m, d))
+        out[name] = run.stage(f"transfer_{name}", lambda n=name, t=target: stage_transfer(cfg, paths, n, t))["transfer"]
+    return out
 
 
 def report_title(cfg: JobConfig) -> str:
@@ -263,11 +294,8 @@ def run_job(cfg: JobConfig) -> dict:
     run.stage("extract_source", lambda: stage_extract(cfg, run, paths, "pretrained", "source"))
     run.stage("cluster", lambda: stage_cluster(cfg, paths))
     run.stage("retrain", lambda: stage_retrain(cfg, run, paths))
-    for m in MODELS:
-        for d in ("target_train", "target_test"):
-            run.stage(f"extract_{m}_{d}", lambda m=m, d=d: stage_extract(cfg, run, paths, m, d))
-    transfer = run.stage("transfer", lambda: stage_transfer(cfg, paths))
+    transfer = run_transfer(cfg, run, paths)
     run.stage("report", lambda: run_report(run.root, report_title(cfg)), force=True)
     log(f"report: {run.path('report.md')}")
-    return {"run_dir": run.root, "report": run.path("report.md"), "transfer": transfer.get("transfer")}
+    return {"run_dir": run.root, "report": run.path("report.md"), "transfer": transfer}
 

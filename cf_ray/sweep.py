@@ -106,7 +106,7 @@ class Sweep:
 
     def __init__(self, cfg: SweepConfig):
         self.cfg = cfg
-        self.targets = cfg.targets or {"target": cfg.job.target}
+        self.targets = cfg.targets or {n: t.path for n, t in cfg.job.transfer_targets().items()}
         try:
             self.run = RunDir(cfg.run_dir)
             storage.write_bytes(self.run.path("sweep.yaml"), dump_config(cfg).encode())
@@ -134,7 +134,7 @@ class Sweep:
         if cfg.base_run is None:
             # The largest K is checked against the source size, the first target for labels.
             job = cfg.job.model_copy(deep=True)
-            job.cluster.k, job.target = max(cfg.grid.k), next(iter(self.targets.values()))
+            job.cluster.k, job.target, job.targets = max(cfg.grid.k), next(iter(self.targets.values())), {}
             inputs = check_inputs(job)
             run.stage("items", lambda: stage_items(run, self.paths, {"source": inputs["source"]}))
         run.stage("items_targets", lambda: self._write_targets(exts))
@@ -317,7 +317,7 @@ def load_sweep_config(path: str | None, overrides: list[str]) -> SweepConfig:
     cfg = load_config(SweepConfig, path, overrides)
     if not cfg.base_run and not cfg.job.data:
         raise ConfigError("no source data: set job.data=<images> (or base_run=<a finished job run directory>)")
-    if not (cfg.targets or cfg.job.target):
+    if not (cfg.targets or cfg.job.transfer_targets()):
         raise ConfigError("no transfer target: set job.target=<labelled folder> or targets.<name>=<folder>")
     for path in [cfg.base_run, cfg.fuse_run]:
         if path and not os.path.exists(os.path.join(path, "manifest.json")) and "://" not in path:

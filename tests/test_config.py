@@ -51,3 +51,26 @@ def test_config_reference_is_current():
 
     doc = Path(__file__).parent.parent / "docs" / "config.md"
     assert doc.read_text() == render(), "docs/config.md is stale: run python -m cf_ray.config_doc > docs/config.md"
+
+
+def test_several_transfer_targets():
+    cfg = load_config(JobConfig, None, ["target=a/t", "targets.flowers=b/flowers", "targets.voc.path=c/voc",
+                                        "targets.voc.multi_label=true"])
+    t = cfg.transfer_targets()
+    assert list(t) == ["target", "flowers", "voc"]
+    assert (t["target"].path, t["flowers"].path, t["voc"].path) == ("a/t", "b/flowers", "c/voc")
+    assert [x.multi_label for x in t.values()] == [False, False, True]
+    assert load_config(JobConfig, None, ["probe.multi_label=true", "targets.x=p"]).transfer_targets()["x"].multi_label
+    assert load_config(JobConfig).transfer_targets() == {}
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["targets.2x=p"], "must start with a letter"),
+    (["targets.a/b=p"], "must start with a letter"),
+    (["target=p", "targets.target=q"], "give the second target another name"),
+    (["targets.voc.path=p", "targets.voc.multi_label=true", "probe.finetune=true"], "single-label targets only"),
+    (["targets.voc.multi_label=true"], "targets.voc.path"),
+])
+def test_bad_targets_are_named(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(JobConfig, None, overrides)

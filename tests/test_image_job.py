@@ -29,16 +29,29 @@ def demo(tmp_path_factory):
     return root, data, target
 
 
+def _multi_label_manifest(target: Path, path: Path) -> Path:
+    """The target's images as one manifest whose items carry their shape and, for every other one, 'odd' too."""
+    rows = ["path,label"] + [f"{f},{f.parent.name}" + ("|odd" if i % 2 else "")
+                             for i, f in enumerate(sorted(target.glob("*/*/*.jpg")))]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
 def test_image_job_end_to_end_and_resume(ray_session, demo):
     root, data, target = demo
-    cfg = load_config(JobConfig, None, TINY + [f"data={data}", f"target={target}", f"run_dir={root / 'run'}"])
+    shapes = _multi_label_manifest(target, root / "shapes.csv")
+    cfg = load_config(JobConfig, None, TINY + [f"data={data}", f"target={target}", f"run_dir={root / 'run'}",
+                                               f"targets.shapes.path={shapes}", "targets.shapes.multi_label=true"])
     out = run_job(cfg)
     run = Path(out["run_dir"])
     manifest = json.loads((run / "manifest.json").read_text())
     assert all(s["status"] == "done" for s in manifest["stages"].values())
-    assert set(out["transfer"]) == {"random", "pretrained", "clusterfit"}
-    for m in out["transfer"].values():
-        assert set(m) == {"res3", "res4", "res5"} and all(0 <= v["top1"] <= 1 for v in m.values())
+    assert {"transfer_target", "transfer_shapes", "extract_clusterfit_shapes_test"} <= set(manifest["stages"])
+    assert set(out["transfer"]) == {"target", "shapes"}  # two targets in one job, each with its own probes
+    for name, metric in (("target", "top1"), ("shapes", "map")):
+        assert set(out["transfer"][name]) == {"random", "pretrained", "clusterfit"}
+        for m in out["transfer"][name].values():
+            assert set(m) == {"res3", "res4", "res5"} and all(v["metric"] == metric and 0 <= v["score"] <= 1 for v in m.values())
 
     a = pq.read_table(run / "cluster" / "assignments.parquet")
     assert a.num_rows == 60 and set(a["cluster"].to_pylist()) <= set(range(6))  # 61 files, 1 undecodable
@@ -49,9 +62,11 @@ def test_image_job_end_to_end_and_resume(ray_session, demo):
 
     report = (run / "report.md").read_text()
     assert "ClusterFit - pre-trained" in report and "broken.jpg" in report
-    for plot in ("transfer.png", "cluster_sizes.png", "training.png"):
+    assert "## Transfer to shapes" in report and "mAP (%)" in report
+    for plot in ("transfer.png", "transfer_shapes.png", "cluster_sizes.png", "training.png"):
         assert (run / "plots" / plot).stat().st_size > 1000
     metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["transfer_metric"] == {"target": "top-1", "shapes": "mAP"}
     assert metrics["skipped_inputs"] == 2 and "nmi" in metrics["cluster"]
     assert "pretrain per epoch:" in report and "retrain per epoch:" in report
     assert all(h[0]["items_per_s"] > 0 and h[0]["loss"] > 0 for h in metrics["training_history"].values())

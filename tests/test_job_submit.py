@@ -70,7 +70,7 @@ def test_image_job_through_ray_job_submit_on_s3(head, s3, tmp_path):
     manifest = json.loads(s3.read("runs", "job", "manifest.json"))
     assert all(s["status"] == "done" for s in manifest["stages"].values())
     metrics = json.loads(s3.read("runs", "job", "metrics.json"))
-    assert set(metrics["transfer"]) == {"random", "pretrained", "clusterfit"} and metrics["skipped_inputs"] == 1
+    assert set(metrics["transfer"]["target"]) == {"random", "pretrained", "clusterfit"} and metrics["skipped_inputs"] == 1
     assert pq.read_table(s3.key("runs", "job", "cluster", "assignments.parquet"), filesystem=s3.fs).num_rows == 24
     report = s3.read("runs", "job", "report.md").decode()
     assert "broken.jpg" in report and f"Ray dashboard of this run: {head.address}" in report

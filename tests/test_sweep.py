@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cf_ray.config import ConfigError
+from cf_ray.config import ConfigError, dump_config
 from cf_ray.demo import make_demo_splits
 from cf_ray.pipeline import cluster_quality, noisy_labels
 from cf_ray.sweep import load_sweep_config, run_sweep
@@ -73,6 +73,38 @@ def test_sweep_reuses_pretraining_and_resumes(ray_session, demo):
     again = {s: json.loads((run / "settings" / s / "manifest.json").read_text())["stages"]["retrain"]["started"] for s in settings}
     assert again == started and model.stat().st_mtime == mtime
     assert _table_rows((run / "report.md").read_text()) == rows
+
+
+def test_fuse_layer_joins_two_networks_features(ray_session, demo):
+    """fuse:res5 clusters [l2(base res5) | l2(fuse_run res5)] for the source items both networks have features of."""
+    from cf_ray.kmeans.core import l2_normalize
+    from cf_ray.pipeline import Paths
+    from cf_ray.rundir import RunDir
+    from cf_ray.stages.extract import read_features, run_extract
+    from cf_ray.sweep import Sweep
+
+    root, data, target = demo
+    base = root / "run"  # the sweep of the test above: its pre-training and source features are done
+    assert (base / "manifest.json").exists(), "needs test_sweep_reuses_pretraining_and_resumes to run first"
+    # A second network: the base's random init, extracted on the same source items into a run directory of its own.
+    job = load_sweep_config(None, TINY + [f"job.data={data}", f"job.target={target}"]).job
+    (base / "config.yaml").write_text(dump_config(job))  # what makes a run directory usable as base_run
+    fuse = RunDir(str(root / "fuse"))
+    fuse.stage("extract_source", lambda: run_extract(job.extract, job.media, str(base / "items" / "source.parquet"),
+                                                     str(base / "models" / "random"), Paths(fuse).features("pretrained", "source")))
+    cfg = load_sweep_config(None, TINY + [f"base_run={base}", f"fuse_run={fuse.root}", "grid.layer=[fuse:res5]",
+                                          f"job.target={target}", f"run_dir={root / 'fused'}", "source_limit=20"])
+    sweep = Sweep(cfg)
+    sweep._write_cluster_source()
+    res = sweep._write_cluster_input("fuse:res5")
+    ids, x = read_features(sweep.cluster_input("fuse:res5"), "input")
+    ids_a, a = read_features(str(base / "features" / "pretrained" / "source"), "res5")
+    ids_b, b = read_features(Paths(fuse).features("pretrained", "source"), "res5")
+    assert res["rows"] == len(ids) == 20 and x.shape[1] == a.shape[1] + b.shape[1]
+    ia, ib = {i: k for k, i in enumerate(ids_a)}, {i: k for k, i in enumerate(ids_b)}
+    a, b = l2_normalize(a[[ia[i] for i in ids]]), l2_normalize(b[[ib[i] for i in ids]])
+    np.testing.assert_allclose(x, np.concatenate([a, b], axis=1), rtol=1e-5, atol=1e-6)
+    assert a.shape == b.shape and not np.allclose(a, b)  # two different networks
 
 
 def test_sweep_config_errors(tmp_path):

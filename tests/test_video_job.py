@@ -42,13 +42,13 @@ def test_video_job_end_to_end_and_resume(ray_session, demo):
     assert manifest["stages"]["pretrain"]["result"]["proxy"] == "arrow_of_time"
 
     # Transfer table: every model, every probed layer.
-    assert set(out["transfer"]) == {"random", "pretrained", "clusterfit"}
-    for m in out["transfer"].values():
+    assert set(out["transfer"]["target"]) == {"random", "pretrained", "clusterfit"}
+    for m in out["transfer"]["target"].values():
         assert set(m) == {"res3", "res4", "res5"} and all(0 <= v["top1"] <= 1 for v in m.values())
         assert all(v["n_train"] == v["n_test"] == 2 * len(MOTIONS) for v in m.values())
 
     # Features: a video-level column (mean over clips) and the per-clip features, for every model and dataset.
-    for model, dataset in [("pretrained", "source")] + [(m, d) for m in out["transfer"] for d in ("target_train", "target_test")]:
+    for model, dataset in [("pretrained", "source")] + [(m, d) for m in out["transfer"]["target"] for d in ("target_train", "target_test")]:
         t = pq.read_table(run / "features" / model / dataset)
         for layer, dim in (("res3", 8), ("res4", 16), ("res5", 32)):  # width 4: 2w, 4w, 8w
             video, clips = t.schema.field(f"feat_{layer}").type, t.schema.field(f"clipfeat_{layer}").type

@@ -41,6 +41,11 @@ def _metric_name(transfer: dict) -> str:
     return "mAP" if first.get("metric") == "map" else "top-1"
 
 
+def transfer_plot_name(target: str) -> str:
+    """The default target (named 'target') keeps the plain name."""
+    return "transfer.png" if target == "target" else f"transfer_{target}.png"
+
+
 def plot_transfer(transfer: dict, path: str) -> None:
     models = list(transfer)
     layers = list(next(iter(transfer.values())))
@@ -132,15 +137,20 @@ def run_report(run_dir: str, title: str = "ClusterFit run") -> dict:
     metrics = {"stages": {n: {"status": s.get("status"), "seconds": s.get("seconds")} for n, s in manifest["stages"].items()}}
     lines = [f"# {title}", "", f"Run directory: `{run.root}`", ""]
 
-    transfer = results.get("transfer", {}).get("transfer")
-    if transfer:
-        metrics["transfer"] = {m: {l: _score(v) for l, v in t.items()} for m, t in transfer.items()}
-        metrics["transfer_metric"] = _metric_name(transfer)
-        plot_transfer(transfer, run.path("plots", "transfer.png"))
-        lines += ["## Transfer (headline)", "", f"{_metric_name(transfer)} (%) on the target's test split: linear probes on frozen "
-                  "features per layer" + ("; `finetuned`: the whole network fine-tuned on the target's train split." if any(
+    targets = {n[len("transfer_"):]: r for n, r in results.items() if n.startswith("transfer_") and r.get("transfer")}
+    if targets:
+        metrics["transfer"], metrics["transfer_metric"] = {}, {}
+    for name, res in targets.items():
+        transfer = res["transfer"]
+        metric, plot = _metric_name(transfer), transfer_plot_name(name)
+        metrics["transfer"][name] = {m: {l: _score(v) for l, v in t.items()} for m, t in transfer.items()}
+        metrics["transfer_metric"][name] = metric
+        plot_transfer(transfer, run.path("plots", plot))
+        lines += [f"## Transfer to {name} (headline)" if len(targets) > 1 else "## Transfer (headline)", "",
+                  f"{metric} (%) on the test split of `{res.get('target', name)}`: linear probes on frozen features per layer"
+                  + ("; `finetuned`: the whole network fine-tuned on the target's train split." if any(
                       "finetuned" in t for t in transfer.values()) else "."), ""]
-        lines += _table(transfer) + ["", _verdict(transfer, results), "", "![transfer](plots/transfer.png)", ""]
+        lines += _table(transfer) + ["", _verdict(transfer, results), "", f"![transfer to {name}](plots/{plot})", ""]
 
     stats_path = run.path("cluster", "stats.json")
     if storage.exists(stats_path):
