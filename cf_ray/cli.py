@@ -66,9 +66,8 @@ def run_stage(stage: str, cfg: JobConfig) -> dict:
     paths = pl.Paths(run)
     if stage == "report":
         return run.stage("report", lambda: run_report(run.root, pl.report_title(cfg)), force=True)
-    if not run.is_done("items"):
-        inputs = pl.check_inputs(cfg)
-        run.stage("items", lambda: pl.stage_items(run, paths, inputs))
+    inputs = pl.check_inputs(cfg)
+    run.stage("items", lambda: pl.stage_items(run, paths, inputs))
     init_ray(cfg.ray.num_cpus, cfg.ray.object_store_mb)
     pl.check_cluster(cfg)
     first = {"pretrain": "pretrain", "extract": "extract_source", "cluster": "cluster", "retrain": "retrain",
@@ -83,12 +82,12 @@ def run_stage(stage: str, cfg: JobConfig) -> dict:
     if stage == "retrain":
         return run.stage("retrain", lambda: pl.stage_retrain(cfg, run, paths))
     if stage == "transfer":
-        return {"transfer": pl.run_transfer(cfg, run, paths)}
+        return {"transfer": pl.run_transfer(cfg, run, paths, inputs)}
     raise ValueError(stage)
 
 
 def main(argv: list[str] | None = None, prog: str = "cf-ray", stage: str | None = None, video: bool = False) -> int:
-    args = parser(prog, with_stage=stage is None).parse_args(argv)
+    args = parser(prog, with_stage=stage is None).parse_intermixed_args(argv)  # overrides may follow options
     args.video = args.video or video
     try:
         cfg = resolve_config(args)

@@ -47,8 +47,8 @@ class Paths:
 
 
 def transfer_stages(target: str) -> list[str]:
-    """A target's stages: its splits' features for every model, then its probes (and fine-tuning)."""
-    return [f"extract_{m}_{target}_{s}" for m in MODELS for s in SPLITS] + [f"transfer_{target}"]
+    """A target's stages: its items, its splits' features for every model, then its probes (and fine-tuning)."""
+    return [f"items_{target}"] + [f"extract_{m}_{target}_{s}" for m in MODELS for s in SPLITS] + [f"transfer_{target}"]
 
 
 def stage_order(cfg: JobConfig) -> list[str]:
@@ -140,7 +140,9 @@ def check_cluster(cfg: JobConfig) -> None:
                               f"lower {key}.{n_key} or {key}.{per_key} (or raise ray.num_cpus)")
 
 
-def stage_items(run: RunDir, paths: Paths, inputs: dict) -> dict:
+def stage_items(run: RunDir, paths: Paths, inputs: dict, names: tuple[str, ...] = ("source",)) -> dict:
+    """The listed items of the datasets ``names`` (and what listing skipped), for the stages after it to read."""
+    inputs = {n: inputs[n] for n in names}
     for name, (items, skipped) in inputs.items():
         write_items(items, paths.items(name))
         run.record_errors(skipped, "list", name)
@@ -262,10 +264,12 @@ def stage_transfer(cfg: JobConfig, paths: Paths, name: str, target: TargetConfig
     return {"target": target.path, "transfer": out}
 
 
-def run_transfer(cfg: JobConfig, run: RunDir, paths: Paths) -> dict:
-    """Every target's stages in order: {target name: {model: {layer: probe result}}}."""
+def run_transfer(cfg: JobConfig, run: RunDir, paths: Paths, inputs: dict) -> dict:
+    """Every target's stages in order: {target name: {model: {layer: probe result}}}. A target added to a
+    finished run gets only its own stages."""
     out = {}
     for name, target in cfg.transfer_targets().items():
+        run.stage(f"items_{name}", lambda n=name: stage_items(run, paths, inputs, tuple(f"{n}_{s}" for s in SPLITS)))
         for m in MODELS:
             for s in SPLITS:
                 run.stage(f"extract_{m}_{name}_{s}", lambda m=m, d=f"{name}_{s}": stage_extract(cfg, run, paths, m, d))
@@ -294,7 +298,7 @@ def run_job(cfg: JobConfig) -> dict:
     run.stage("extract_source", lambda: stage_extract(cfg, run, paths, "pretrained", "source"))
     run.stage("cluster", lambda: stage_cluster(cfg, paths))
     run.stage("retrain", lambda: stage_retrain(cfg, run, paths))
-    transfer = run_transfer(cfg, run, paths)
+    transfer = run_transfer(cfg, run, paths, inputs)
     run.stage("report", lambda: run_report(run.root, report_title(cfg)), force=True)
     log(f"report: {run.path('report.md')}")
     return {"run_dir": run.root, "report": run.path("report.md"), "transfer": transfer}

@@ -236,23 +236,23 @@ class Sweep:
                 "cluster": clusters, "train_acc": retrain["history"][-1]["acc"],
                 "train_seconds": sum(h["seconds"] for h in retrain["history"]), "transfer": transfer}
 
-    def control_epochs(self) -> int:
-        """Same compute as the longest ClusterFit retraining: as many images through the network, rounded up (in the
-        control's favour). A RotNet epoch shows every image 4 times (its rotations), a retraining epoch once."""
+    def control_epochs(self) -> list[int]:
+        """One control budget per retraining budget in the grid, each the same compute: as many images through the
+        network, rounded up (in the control's favour). A RotNet epoch shows every image 4 times (its rotations), a
+        retraining epoch once."""
         if self.cfg.controls.epochs:
-            return self.cfg.controls.epochs
+            return [self.cfg.controls.epochs]
         pre = self.base_cfg.pretrain
         views = 4 if pre.source != "labels" and pre.proxy == "rotation" else 1
-        return math.ceil(max(self.cfg.grid.epochs) / views)
+        return sorted({math.ceil(e / views) for e in self.cfg.grid.epochs})
 
-    def run_control(self, name: str) -> dict:
+    def run_control(self, name: str, epochs: int) -> dict:
         from cf_ray.stages.controls import latest_state, load_teacher, soft_targets
         from cf_ray.train.loop import train_classifier
 
-        sub = RunDir(self.run.path("controls", name))
+        sub = RunDir(self.run.path("controls", f"{name}_e{epochs}"))
         paths = SubPaths(sub, self.run)
         base = self.base_cfg
-        epochs = self.control_epochs()
         train_cfg = base.pretrain.train.model_copy(update={"epochs": epochs})
         state = latest_state(self.base_paths.train + "/pretrain")
         keep = read_items(paths.items("source"))["id"]
@@ -286,11 +286,21 @@ def seeded_subset(items: pa.Table, n: int | None, seed: int) -> pa.Table:
     return items.take(np.sort(np.random.default_rng(seed).choice(items.num_rows, n, replace=False)))
 
 
-def row_names(cfg: SweepConfig) -> list[str]:
-    """The manifest stages that hold table rows, in table order."""
-    rows = [f"setting_{s['name']}" for s in settings(cfg)]
-    rows += [f"control_{c}" for c in ("longer_pretrain", "distill") if getattr(cfg.controls, c)]
-    return rows
+CONTROLS = ("longer_pretrain", "distill")
+
+
+def controls(sweep: Sweep) -> list[tuple[str, str, int]]:
+    """(stage, control, epochs) of every control the sweep's config asks for."""
+    return [(f"control_{c}_e{e}", c, e) for e in sweep.control_epochs() for c in CONTROLS if getattr(sweep.cfg.controls, c)]
+
+
+def row_names(sweep: Sweep) -> list[str]:
+    """The manifest stages that hold table rows, in table order: this config's settings and controls, then any
+    other ones done earlier in the same run directory (a sweep directory accumulates)."""
+    rows = [f"setting_{s['name']}" for s in settings(sweep.cfg)] + [stage for stage, _, _ in controls(sweep)]
+    done = [n for n, st in sweep.run.manifest()["stages"].items()
+            if n.startswith(("setting_", "control_")) and st.get("status") == "done" and n not in rows]
+    return rows + done
 
 
 def run_sweep(cfg: SweepConfig, report_only: bool = False) -> dict:
@@ -303,12 +313,11 @@ def run_sweep(cfg: SweepConfig, report_only: bool = False) -> dict:
         # The first setting, then the controls, then the rest: a sweep stopped early still has its baselines.
         for s in grid[:1]:
             sweep.run.stage(f"setting_{s['name']}", lambda s=s: sweep.run_setting(s))
-        for c in ("longer_pretrain", "distill"):
-            if getattr(cfg.controls, c):
-                sweep.run.stage(f"control_{c}", lambda c=c: sweep.run_control(c))
+        for stage, c, e in controls(sweep):
+            sweep.run.stage(stage, lambda c=c, e=e: sweep.run_control(c, e))
         for s in grid[1:]:
             sweep.run.stage(f"setting_{s['name']}", lambda s=s: sweep.run_setting(s))
-    report = sweep.run.stage("report", lambda: write_sweep_report(sweep, row_names(cfg)), force=True)
+    report = sweep.run.stage("report", lambda: write_sweep_report(sweep, row_names(sweep)), force=True)
     log(f"sweep report: {report['report']}")
     return {"run_dir": sweep.run.root, **report}
 

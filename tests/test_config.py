@@ -74,3 +74,11 @@ def test_several_transfer_targets():
 def test_bad_targets_are_named(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(JobConfig, None, overrides)
+
+
+def test_stage_command_takes_overrides_after_options():
+    """README: `python -m cf_ray cluster --config c.yaml --demo cluster.k=60`."""
+    from cf_ray.cli import parser
+
+    args = parser().parse_intermixed_args(["cluster", "--config", "c.yaml", "--demo", "cluster.k=60", "targets.f=x"])
+    assert (args.stage, args.config, args.demo, args.overrides) == ("cluster", "c.yaml", True, ["cluster.k=60", "targets.f=x"])

@@ -37,21 +37,16 @@ def _multi_label_manifest(target: Path, path: Path) -> Path:
     return path
 
 
-def test_image_job_end_to_end_and_resume(ray_session, demo):
+def test_image_job_end_to_end_resume_and_a_second_target(ray_session, demo):
     root, data, target = demo
-    shapes = _multi_label_manifest(target, root / "shapes.csv")
-    cfg = load_config(JobConfig, None, TINY + [f"data={data}", f"target={target}", f"run_dir={root / 'run'}",
-                                               f"targets.shapes.path={shapes}", "targets.shapes.multi_label=true"])
+    cfg = load_config(JobConfig, None, TINY + [f"data={data}", f"target={target}", f"run_dir={root / 'run'}"])
     out = run_job(cfg)
     run = Path(out["run_dir"])
     manifest = json.loads((run / "manifest.json").read_text())
     assert all(s["status"] == "done" for s in manifest["stages"].values())
-    assert {"transfer_target", "transfer_shapes", "extract_clusterfit_shapes_test"} <= set(manifest["stages"])
-    assert set(out["transfer"]) == {"target", "shapes"}  # two targets in one job, each with its own probes
-    for name, metric in (("target", "top1"), ("shapes", "map")):
-        assert set(out["transfer"][name]) == {"random", "pretrained", "clusterfit"}
-        for m in out["transfer"][name].values():
-            assert set(m) == {"res3", "res4", "res5"} and all(v["metric"] == metric and 0 <= v["score"] <= 1 for v in m.values())
+    assert set(out["transfer"]) == {"target"} and set(out["transfer"]["target"]) == {"random", "pretrained", "clusterfit"}
+    for m in out["transfer"]["target"].values():
+        assert set(m) == {"res3", "res4", "res5"} and all(v["metric"] == "top1" and 0 <= v["score"] <= 1 for v in m.values())
 
     a = pq.read_table(run / "cluster" / "assignments.parquet")
     assert a.num_rows == 60 and set(a["cluster"].to_pylist()) <= set(range(6))  # 61 files, 1 undecodable
@@ -59,6 +54,21 @@ def test_image_job_end_to_end_and_resume(ray_session, demo):
     reasons = {Path(e["path"]).name: e["error"] for e in errors}
     assert "cannot decode" in reasons["broken.jpg"] and "unsupported" in reasons["notes.txt"]
     assert len([e for e in errors if e["path"].endswith("broken.jpg")]) == 1  # seen by pretrain and extract, kept once
+
+    # A rerun with a second (multi-label) target resumes: every done stage is skipped, outputs are untouched,
+    # and only the new target's items, features and probes are computed.
+    mtime = (run / "cluster" / "assignments.parquet").stat().st_mtime
+    shapes = _multi_label_manifest(target, root / "shapes.csv")
+    cfg2 = load_config(JobConfig, None, TINY + [f"data={data}", f"target={target}", f"run_dir={root / 'run'}",
+                                                f"targets.shapes.path={shapes}", "targets.shapes.multi_label=true"])
+    out2 = run_job(cfg2)
+    assert (run / "cluster" / "assignments.parquet").stat().st_mtime == mtime
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    assert all(stages[n] == manifest["stages"][n] for n in manifest["stages"] if n != "report")
+    assert all(stages[n]["status"] == "done" for n in ("items_shapes", "extract_clusterfit_shapes_test", "transfer_shapes"))
+    assert out2["transfer"]["target"] == out["transfer"]["target"]
+    for m in out2["transfer"]["shapes"].values():
+        assert set(m) == {"res3", "res4", "res5"} and all(v["metric"] == "map" and 0 <= v["score"] <= 1 for v in m.values())
 
     report = (run / "report.md").read_text()
     assert "ClusterFit - pre-trained" in report and "broken.jpg" in report
@@ -71,13 +81,7 @@ def test_image_job_end_to_end_and_resume(ray_session, demo):
     assert "pretrain per epoch:" in report and "retrain per epoch:" in report
     assert all(h[0]["items_per_s"] > 0 and h[0]["loss"] > 0 for h in metrics["training_history"].values())
     assert (run / "models" / "clusterfit" / "backbone.pt").exists()
-    assert load_config(JobConfig, run / "config.yaml") == cfg
-
-    # A rerun resumes: every done stage is skipped, outputs are untouched.
-    mtime = (run / "cluster" / "assignments.parquet").stat().st_mtime
-    run_job(cfg)
-    assert (run / "cluster" / "assignments.parquet").stat().st_mtime == mtime
-    assert json.loads((run / "manifest.json").read_text())["stages"]["retrain"] == manifest["stages"]["retrain"]
+    assert load_config(JobConfig, run / "config.yaml") == cfg2
 
 
 def test_bad_inputs_fail_before_ray_work(demo, tmp_path):

@@ -62,17 +62,23 @@ def test_sweep_reuses_pretraining_and_resumes(ray_session, demo):
         assert all(0 <= v["top1"] <= 1 for v in r["transfer"]["target"].values())
     cluster = res["rows"][0]["cluster"]
     assert 0 <= cluster["nmi"] <= 1 and 1 / 6 <= cluster["purity"] <= 1 and cluster["imbalance"] >= 1
-    distill = json.loads((run / "controls" / "distill" / "manifest.json").read_text())["stages"]["train"]["result"]
+    distill = json.loads((run / "controls" / "distill_e1" / "manifest.json").read_text())["stages"]["train"]["result"]
     assert distill["items"] == 48 and (run / "plots" / "sweep_target.png").stat().st_size > 1000
 
     # A rerun skips every finished setting and control: nothing is retrained.
     started = {s: json.loads((run / "settings" / s / "manifest.json").read_text())["stages"]["retrain"]["started"] for s in settings}
-    model = run / "controls" / "longer_pretrain" / "models" / "clusterfit" / "backbone.pt"
+    model = run / "controls" / "longer_pretrain_e1" / "models" / "clusterfit" / "backbone.pt"
     mtime = model.stat().st_mtime
     run_sweep(cfg)
     again = {s: json.loads((run / "settings" / s / "manifest.json").read_text())["stages"]["retrain"]["started"] for s in settings}
     assert again == started and model.stat().st_mtime == mtime
     assert _table_rows((run / "report.md").read_text()) == rows
+
+    # The directory accumulates: a report for another grid keeps the rows done earlier and lists the new one as owed.
+    other = load_sweep_config(None, TINY + [f"job.data={data}", f"job.target={target}", f"run_dir={run}", "grid.k=[5]"])
+    res = run_sweep(other, report_only=True)
+    assert sorted(_table_rows((run / "report.md").read_text())) == sorted(rows)
+    assert res["missing"] == ["setting_k5_res4-res5_e1_resnet_tiny-w8"]
 
 
 def test_fuse_layer_joins_two_networks_features(ray_session, demo):
@@ -105,6 +111,19 @@ def test_fuse_layer_joins_two_networks_features(ray_session, demo):
     a, b = l2_normalize(a[[ia[i] for i in ids]]), l2_normalize(b[[ib[i] for i in ids]])
     np.testing.assert_allclose(x, np.concatenate([a, b], axis=1), rtol=1e-5, atol=1e-6)
     assert a.shape == b.shape and not np.allclose(a, b)  # two different networks
+
+
+def test_controls_match_each_retraining_budget(tmp_path):
+    from cf_ray.sweep import Sweep, controls
+
+    cfg = load_sweep_config(None, ["job.data=x", "job.target=y", f"run_dir={tmp_path}", "grid.epochs=[6,24,8]"])
+    sweep = Sweep(cfg)
+    assert sweep.control_epochs() == [2, 6]  # RotNet shows each image 4 times per epoch
+    assert [s for s, _, _ in controls(sweep)] == ["control_longer_pretrain_e2", "control_distill_e2",
+                                                  "control_longer_pretrain_e6", "control_distill_e6"]
+    cfg = load_sweep_config(None, ["job.data=x", "job.target=y", f"run_dir={tmp_path}", "grid.epochs=[6]",
+                                   "job.pretrain.source=labels", "controls.distill=false"])
+    assert [s for s, _, _ in controls(Sweep(cfg))] == ["control_longer_pretrain_e6"]
 
 
 def test_sweep_config_errors(tmp_path):
