@@ -97,6 +97,10 @@ class TrainConfig(_Strict):
     num_workers: int = Field(1, gt=0, description="Ray Train workers.")
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: Literal["auto", "yes", "no"] = Field("auto", description="auto: a GPU per worker when the cluster has GPUs.")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="bf16: forward pass under bfloat16 autocast (the loss "
+                                                       "and the weights stay float32); auto: bf16 on GPU, fp32 on CPU.")
+    channels_last: Literal["auto", "yes", "no"] = Field("auto", description="Channels-last memory format for weights and inputs "
+                                                        "(channels_last_3d for video); auto: on GPU only.")
     max_failures: int = Field(2, ge=-1, description="Worker failures tolerated (restart from the last checkpoint).")
     keep_checkpoints: int = Field(
         2, gt=0, description="Checkpoints kept under the storage path: this many with the best training accuracy, plus always "

@@ -83,3 +83,28 @@ def test_bad_stem_is_rejected():
 def test_built_from_model_config():
     m = build(ModelConfig(arch="r2plus1d_tiny", width=8, stem="cifar"), seed=0)
     assert m.modality == "video" and m.feature_info["res5"] == 64
+
+
+@pytest.mark.parametrize("arch, shape", [("resnet_tiny", (4, 3, 16, 16)), ("r2plus1d_tiny", (4, 3, 4, 16, 16))])
+def test_gpu_step_settings_run_on_cpu(arch, shape):
+    """The GPU training step (bf16 autocast, channels-last weights and inputs) forced on CPU, for images and video:
+    video needs channels_last_3d (plain channels_last refuses rank-5 tensors, which broke video training on GPU)."""
+    from cf_ray.config import TrainConfig
+    from cf_ray.train.loop import Classifier, step_settings
+
+    cpu = torch.device("cpu")
+    assert step_settings(TrainConfig(), cpu, video=len(shape) == 5)[0] is None  # auto: nothing changes on CPU
+    fmt, autocast = step_settings(TrainConfig(precision="bf16", channels_last="yes"), cpu, video=len(shape) == 5)
+    torch.manual_seed(0)
+    model = Classifier(create_backbone(arch, width=4), 3).to(memory_format=fmt)
+    x = torch.randn(shape).contiguous(memory_format=fmt)
+    assert x.is_contiguous(memory_format=fmt)
+    with autocast():
+        logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.float(), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(loss)
+    assert all(p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    if len(shape) == 5:
+        with pytest.raises(RuntimeError, match="rank 4"):
+            x.contiguous(memory_format=torch.channels_last)

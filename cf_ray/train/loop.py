@@ -44,6 +44,17 @@ class Classifier(nn.Module):
         return self.head(self.backbone(x))
 
 
+def step_settings(cfg: TrainConfig, device: torch.device, video: bool):
+    """(memory format or None, autocast context factory) of a training step, from cfg.channels_last / cfg.precision.
+    Video batches are 5-D, so they (and the Conv3d weights) take channels_last_3d: channels_last needs rank 4."""
+    gpu = device.type == "cuda"
+    fmt = None
+    if cfg.channels_last == "yes" or (cfg.channels_last == "auto" and gpu):
+        fmt = torch.channels_last_3d if video else torch.channels_last
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and gpu)
+    return fmt, lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
 def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
     """Random crop with reflection padding and horizontal flip, per sample, the same for every frame of
     a clip; x is (N,3,H,W) or (N,3,T,H,W)."""
@@ -158,8 +169,9 @@ def train_loop_per_worker(config: dict) -> None:
     model = rtt.prepare_model(net)
     inner = model.module if hasattr(model, "module") else model
     device = rtt.get_device()
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    fmt, autocast = step_settings(cfg, device, video=column == "clips")
+    if fmt is not None:
+        model = model.to(memory_format=fmt)
 
     per_image = 4 if task == "rotation" else 1
     global_batch = cfg.batch_size * world * per_image
@@ -212,11 +224,11 @@ def train_loop_per_worker(config: dict) -> None:
                 elif task == "arrow_of_time":
                     x, y = arrow_of_time(x, gen)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
+                if fmt is not None:
+                    x = x.contiguous(memory_format=fmt)
                 for g in opt.param_groups:
                     g["lr"] = lr_at(min(step, total_steps - 1), total_steps, warmup_steps, peak_lr)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                with autocast():
                     logits = model(x)
                     loss = loss_fn(logits.float(), y)
                 opt.zero_grad(set_to_none=True)
