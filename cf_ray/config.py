@@ -155,6 +155,10 @@ class ExtractConfig(_Strict):
     cpus_per_actor: float = Field(1.0, gt=0)
     torch_threads: int = Field(0, ge=0, description="intra-op threads per actor; 0 = cpus_per_actor.")
     use_gpu: Literal["auto", "yes", "no"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="bf16: forward passes under bfloat16 autocast "
+                                                       "(features are written as float32); auto: bf16 on GPU, fp32 on CPU.")
+    channels_last: Literal["auto", "yes", "no"] = Field("auto", description="Channels-last weights and inputs "
+                                                        "(channels_last_3d for video); auto: on GPU only.")
 
 
 class ClusterConfig(_Strict):

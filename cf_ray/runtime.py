@@ -37,6 +37,22 @@ def init_ray(num_cpus: int | None = None, object_store_mb: int = 1024) -> None:
         )
 
 
+def step_settings(precision: str, channels_last: str, device_type: str, video: bool):
+    """(memory format or None, autocast context factory) for a model's forward passes on ``device_type``.
+
+    precision bf16 -> bfloat16 autocast; channels_last yes -> channels-last weights and inputs; auto -> on GPU only.
+    Video tensors and Conv3d weights are rank 5, so they take channels_last_3d (channels_last needs rank 4).
+    """
+    import torch
+
+    gpu = device_type == "cuda"
+    fmt = None
+    if channels_last == "yes" or (channels_last == "auto" and gpu):
+        fmt = torch.channels_last_3d if video else torch.channels_last
+    bf16 = precision == "bf16" or (precision == "auto" and gpu)
+    return fmt, lambda: torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16)
+
+
 def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
 

@@ -19,7 +19,8 @@ TINY = [
     "pretrain.train.epochs=1", "retrain.epochs=1", "pretrain.train.batch_size=8", "retrain.batch_size=8",
     "extract.batch_size=8", "extract.block_rows=8", "cluster.k=4", "cluster.niter=5",
     "probe.epochs=20", "probe.weight_decays=[0.001]",
-    "retrain.precision=bf16", "retrain.channels_last=yes",  # the GPU step (bf16, channels_last_3d), forced on CPU
+    # The GPU settings (bf16 autocast, channels_last_3d) forced on CPU for retraining and extraction.
+    "retrain.precision=bf16", "retrain.channels_last=yes", "extract.precision=bf16", "extract.channels_last=yes",
 ]
 
 

@@ -89,12 +89,11 @@ def test_built_from_model_config():
 def test_gpu_step_settings_run_on_cpu(arch, shape):
     """The GPU training step (bf16 autocast, channels-last weights and inputs) forced on CPU, for images and video:
     video needs channels_last_3d (plain channels_last refuses rank-5 tensors, which broke video training on GPU)."""
-    from cf_ray.config import TrainConfig
-    from cf_ray.train.loop import Classifier, step_settings
+    from cf_ray.runtime import step_settings
+    from cf_ray.train.loop import Classifier
 
-    cpu = torch.device("cpu")
-    assert step_settings(TrainConfig(), cpu, video=len(shape) == 5)[0] is None  # auto: nothing changes on CPU
-    fmt, autocast = step_settings(TrainConfig(precision="bf16", channels_last="yes"), cpu, video=len(shape) == 5)
+    assert step_settings("auto", "auto", "cpu", video=len(shape) == 5)[0] is None  # auto: nothing changes on CPU
+    fmt, autocast = step_settings("bf16", "yes", "cpu", video=len(shape) == 5)
     torch.manual_seed(0)
     model = Classifier(create_backbone(arch, width=4), 3).to(memory_format=fmt)
     x = torch.randn(shape).contiguous(memory_format=fmt)

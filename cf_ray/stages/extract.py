@@ -31,7 +31,7 @@ from cf_ray import metrics, storage
 from cf_ray.config import ExtractConfig, ImageConfig, VideoConfig
 from cf_ray.media.image import decode_images
 from cf_ray.rundir import log
-from cf_ray.runtime import want_gpu
+from cf_ray.runtime import step_settings, want_gpu
 
 SUCCESS = "_SUCCESS.json"
 
@@ -139,15 +139,19 @@ def clip_feature_column(values: np.ndarray, ok: np.ndarray) -> pa.Array:
 class Extractor:
     """Ray Data callable class: loads the backbone once per actor."""
 
-    def __init__(self, model_uri: str, layers: list[str], mean, std, use_gpu: bool, threads: int):
+    def __init__(self, model_uri: str, layers: list[str], mean, std, use_gpu: bool, threads: int,
+                 precision: str = "auto", channels_last: str = "auto"):
+        from cf_ray.models import backbone_modality
         from cf_ray.models.checkpoint import load_backbone
 
         torch.set_num_threads(max(1, threads))
         self.device = "cuda" if use_gpu else "cpu"
-        self.model, _ = load_backbone(model_uri)
+        self.model, model_cfg = load_backbone(model_uri)
+        self.format, self.autocast = step_settings(precision, channels_last, self.device,
+                                                   video=backbone_modality(model_cfg.arch) == "video")
         self.model.eval().to(self.device)
-        if use_gpu:
-            self.model.to(memory_format=torch.channels_last)
+        if self.format is not None:
+            self.model.to(memory_format=self.format)
         self.layers, self.mean, self.std = layers, mean, std
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -161,7 +165,9 @@ class Extractor:
             if video:
                 pixels = pixels.reshape(-1, *pixels.shape[2:])  # every clip of every video is one input
             x = normalize(pixels, self.mean, self.std, self.device)
-            with torch.inference_mode(), torch.autocast(self.device, enabled=self.device == "cuda", dtype=torch.bfloat16):
+            if self.format is not None:
+                x = x.contiguous(memory_format=self.format)
+            with torch.inference_mode(), self.autocast():
                 out = self.model.forward_features(x, self.layers)
             feats = {l: out[l].float().cpu().numpy().reshape(int(ok.sum()), per_item, -1) for l in self.layers}
         cols = {
@@ -249,6 +255,8 @@ def _extract(cfg: ExtractConfig, media: ImageConfig | VideoConfig, items: pa.Tab
             "std": media.std,
             "use_gpu": gpu,
             "threads": cfg.torch_threads or int(cfg.cpus_per_actor),
+            "precision": cfg.precision,
+            "channels_last": cfg.channels_last,
         },
         batch_size=cfg.batch_size,
         batch_format="numpy",

@@ -26,7 +26,7 @@ from cf_ray import metrics as cf_metrics
 from cf_ray import storage
 from cf_ray.config import ImageConfig, TrainConfig, VideoConfig
 from cf_ray.rundir import log
-from cf_ray.runtime import want_gpu
+from cf_ray.runtime import step_settings, want_gpu
 from cf_ray.train.sampling import balance_rates, uniform_over_classes
 
 STATE = "state.pt"
@@ -42,17 +42,6 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
-
-
-def step_settings(cfg: TrainConfig, device: torch.device, video: bool):
-    """(memory format or None, autocast context factory) of a training step, from cfg.channels_last / cfg.precision.
-    Video batches are 5-D, so they (and the Conv3d weights) take channels_last_3d: channels_last needs rank 4."""
-    gpu = device.type == "cuda"
-    fmt = None
-    if cfg.channels_last == "yes" or (cfg.channels_last == "auto" and gpu):
-        fmt = torch.channels_last_3d if video else torch.channels_last
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and gpu)
-    return fmt, lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -169,7 +158,7 @@ def train_loop_per_worker(config: dict) -> None:
     model = rtt.prepare_model(net)
     inner = model.module if hasattr(model, "module") else model
     device = rtt.get_device()
-    fmt, autocast = step_settings(cfg, device, video=column == "clips")
+    fmt, autocast = step_settings(cfg.precision, cfg.channels_last, device.type, video=column == "clips")
     if fmt is not None:
         model = model.to(memory_format=fmt)
 
