@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: demo demo-image test install clean
+.PHONY: demo demo-image test lint install clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo-image: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q --durations=12 tests
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf runs data/demo_images data/demo_videos

@@ -7,6 +7,7 @@ matmul peak, and scaling over 1, 2, 4 actors (threads split evenly between them)
     RAY_AUTH_MODE=disabled .venv/bin/python benchmarks/bench_kmeans.py            # ~3-5 min on 2 cores
     RAY_AUTH_MODE=disabled .venv/bin/python benchmarks/bench_kmeans.py --n 20000 --k 100 --niter 3   # smoke
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,7 +61,9 @@ def bench_faiss(x, c0, niter, threads):
     import faiss
 
     faiss.omp_set_num_threads(threads)
-    km = faiss.Kmeans(x.shape[1], len(c0), niter=niter, max_points_per_centroid=10**7, min_points_per_centroid=1, verbose=False)
+    km = faiss.Kmeans(
+        x.shape[1], len(c0), niter=niter, max_points_per_centroid=10**7, min_points_per_centroid=1, verbose=False
+    )
     km.train(x, init_centroids=c0)
     cumulative = [s["time"] for s in km.iteration_stats]  # faiss reports cumulative seconds
     nsplit = sum(s["nsplit"] for s in km.iteration_stats)
@@ -116,14 +119,21 @@ def main() -> None:
 
     n, d, k, th = args.n, args.d, args.k, args.threads
     flop = 2.0 * n * k * d
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.machine()} {os.cpu_count()} cores, python {sys.version.split()[0]}, "
-          f"numpy {np.__version__}, faiss {faiss.__version__}, ray {ray.__version__}, sklearn {sklearn.__version__}")
-    print(f"# n={n} d={d} k={k} niter={args.niter} threads={th}; one iteration = 2nkd = {flop / 1e9:.1f} GFLOP; "
-          f"load average at start {os.getloadavg()[0]:.2f}")
+    print(
+        f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.machine()} {os.cpu_count()} cores, python "
+        f"{sys.version.split()[0]}, "
+        f"numpy {np.__version__}, faiss {faiss.__version__}, ray {ray.__version__}, sklearn {sklearn.__version__}"
+    )
+    print(
+        f"# n={n} d={d} k={k} niter={args.niter} threads={th}; one iteration = 2nkd = {flop / 1e9:.1f} GFLOP; "
+        f"load average at start {os.getloadavg()[0]:.2f}"
+    )
     one, many = sgemm_peak(1), sgemm_peak(th)
     peak = max(many, th * one)  # contention on a shared box can make the multi-thread figure meaningless
-    print(f"sgemm (numpy float32 2048^3, best of 5): 1 thread {one / 1e9:.1f}, {th} threads {many / 1e9:.1f} GFLOP/s; "
-          f"peak used below = {peak / 1e9:.1f} GFLOP/s")
+    print(
+        f"sgemm (numpy float32 2048^3, best of 5): 1 thread {one / 1e9:.1f}, {th} threads {many / 1e9:.1f} GFLOP/s; "
+        f"peak used below = {peak / 1e9:.1f} GFLOP/s"
+    )
 
     with tempfile.TemporaryDirectory() as root:
         x, files = make_shards(root, n, d, k, args.files, args.seed)
@@ -131,23 +141,33 @@ def main() -> None:
 
         f_times, f_sse, f_split = bench_faiss(x, c0, args.niter, th)
         f_med, f_min = statistics.median(f_times), min(f_times)
-        print(f"faiss.Kmeans 1 process: {fmt(f_times)}/iter, {flop / f_med / 1e9:.1f} GFLOP/s "
-              f"({flop / f_med / peak:.0%} of sgemm peak), final SSE {f_sse:.6g}, {f_split} splits")
+        print(
+            f"faiss.Kmeans 1 process: {fmt(f_times)}/iter, {flop / f_med / 1e9:.1f} GFLOP/s "
+            f"({flop / f_med / peak:.0%} of sgemm peak), final SSE {f_sse:.6g}, {f_split} splits"
+        )
 
         if args.sklearn_iter:
             s_time, s_iter = bench_sklearn(x, c0, args.sklearn_iter, th)
-            print(f"sklearn KMeans lloyd ({s_iter} iters): {s_time:.3f} s/iter, {flop / s_time / 1e9:.1f} GFLOP/s, "
-                  f"{s_time / f_med:.2f}x faiss")
+            print(
+                f"sklearn KMeans lloyd ({s_iter} iters): {s_time:.3f} s/iter, {flop / s_time / 1e9:.1f} GFLOP/s, "
+                f"{s_time / f_med:.2f}x faiss"
+            )
 
-        ray.init(address="local", num_cpus=th, object_store_memory=300 * 2**20, include_dashboard=False, log_to_driver=False)
+        ray.init(
+            address="local", num_cpus=th, object_store_memory=300 * 2**20, include_dashboard=False, log_to_driver=False
+        )
         try:
             for a in [int(v) for v in args.actors.split(",")]:
                 times, search, load, c, nsplit = bench_ray(files, c0, args.niter, a, th)
                 med = statistics.median(times)
-                print(f"ray backend {a} actor(s) x {th / a:g} CPU: {fmt(times)}/iter (slowest shard step median "
-                      f"{statistics.median(search):.3f} s), {flop / med / 1e9:.1f} GFLOP/s ({flop / med / peak:.0%} of peak), "
-                      f"{med / f_med:.2f}x faiss (min/min {min(times) / f_min:.2f}x); load {load:.1f} s; final SSE {sse(x, c):.6g} ({sse(x, c) / f_sse - 1:+.1e} vs faiss), "
-                      f"{nsplit} splits")
+                print(
+                    f"ray backend {a} actor(s) x {th / a:g} CPU: {fmt(times)}/iter (slowest shard step median "
+                    f"{statistics.median(search):.3f} s), {flop / med / 1e9:.1f} GFLOP/s ({flop / med / peak:.0%} of "
+                    f"peak), "
+                    f"{med / f_med:.2f}x faiss (min/min {min(times) / f_min:.2f}x); load {load:.1f} s; "
+                    f"final SSE {sse(x, c):.6g} ({sse(x, c) / f_sse - 1:+.1e} vs faiss), "
+                    f"{nsplit} splits"
+                )
         finally:
             ray.shutdown()
     print(f"# load average at end {os.getloadavg()[0]:.2f} (other work shares this machine when > 0)")

@@ -7,10 +7,11 @@ plain single-process faiss.Kmeans on the same Parquet files (which must load eve
 the ratio of the largest cf_ray process to the faiss process, and the objective of both.
 
     RAY_AUTH_MODE=disabled .venv/bin/python benchmarks/bench_kmeans_memory.py                 # 4 GiB, 4 nodes
-    RAY_AUTH_MODE=disabled .venv/bin/python benchmarks/bench_kmeans_memory.py --rows 200000 --nodes 2 --niter 2   # smoke
+    RAY_AUTH_MODE=disabled .venv/bin/python benchmarks/bench_kmeans_memory.py --rows 200000 --nodes 2 --niter 2  # smoke
 
 Files are generated once per (rows, d, files, seed) under --dir and reused by later runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,7 +57,8 @@ def make_files(root: str, rows: int, d: int, files: int, centers: int, seed: int
 FAISS_BASELINE = """
 import json, resource, sys, time
 import faiss, numpy as np, pyarrow.parquet as pq
-files, k, niter, seed, threads = sys.argv[1].split(","), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+files = sys.argv[1].split(",")
+k, niter, seed, threads = (int(a) for a in sys.argv[2:6])
 faiss.omp_set_num_threads(threads)
 meta = [pq.read_metadata(f) for f in files]
 n = sum(m.num_rows for m in meta)
@@ -76,8 +78,12 @@ print(json.dumps({"obj": km.iteration_stats[-1]["obj"], "seconds_per_iter": (tim
 
 
 def run_faiss(files: list[str], k: int, niter: int, seed: int, threads: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", FAISS_BASELINE, ",".join(files), str(k), str(niter), str(seed), str(threads)],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", FAISS_BASELINE, ",".join(files), str(k), str(niter), str(seed), str(threads)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -96,7 +102,9 @@ def run_ray(files: list[str], k: int, niter: int, seed: int, nodes: int, mppc: i
         t0 = time.time()
         pool = ShardPool(files, "res5", nodes, 1, l2=False)
         load_s = time.time() - t0
-        cfg = ClusterConfig(k=k, niter=niter, seed=seed, l2_normalize=False, backend="ray", max_points_per_centroid=mppc)
+        cfg = ClusterConfig(
+            k=k, niter=niter, seed=seed, l2_normalize=False, backend="ray", max_points_per_centroid=mppc
+        )
         t0 = time.time()
         centroids, hist = fit_distributed(files, "res5", cfg, nodes, 1, pool=pool)
         fit_s = time.time() - t0
@@ -104,8 +112,15 @@ def run_ray(files: list[str], k: int, niter: int, seed: int, nodes: int, mppc: i
             sizes, objective = pool.write_assignments(os.path.join(out, "assignments"), centroids, False)
         infos = pool.call("info")
         pool.shutdown()
-        return {"actors": infos, "obj": hist[-1]["obj"], "seconds_per_iter": fit_s / niter, "load_s": load_s,
-                "assigned": int(sizes.sum()), "nodes": len({i["node"] for i in infos}), "driver_peak_rss": peak_rss()}
+        return {
+            "actors": infos,
+            "obj": hist[-1]["obj"],
+            "seconds_per_iter": fit_s / niter,
+            "load_s": load_s,
+            "assigned": int(sizes.sum()),
+            "nodes": len({i["node"] for i in infos}),
+            "driver_peak_rss": peak_rss(),
+        }
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -129,24 +144,38 @@ def main() -> None:
     t0 = time.time()
     files = make_files(root, a.rows, a.d, a.files, centers=a.k, seed=a.seed)
     data_bytes = a.rows * a.d * 4
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.machine()} {os.cpu_count()} cores, "
-          f"RAM {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GiB:.1f} GiB, load {os.getloadavg()[0]:.2f}")
-    print(f"# data: {a.rows} x {a.d} float32 = {data_bytes / GiB:.2f} GiB in {a.files} Parquet files under {root} "
-          f"({time.time() - t0:.0f} s to make or find); k={a.k}, niter={a.niter}")
+    print(
+        f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.machine()} {os.cpu_count()} cores, "
+        f"RAM {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GiB:.1f} GiB, load {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"# data: {a.rows} x {a.d} float32 = {data_bytes / GiB:.2f} GiB in {a.files} Parquet files under {root} "
+        f"({time.time() - t0:.0f} s to make or find); k={a.k}, niter={a.niter}"
+    )
 
     r = run_ray(files, a.k, a.niter, a.seed, a.nodes, a.mppc)
-    print(f"cf_ray (backend=ray) on {r['nodes']} raylets, {len(r['actors'])} shard actors: "
-          f"{r['seconds_per_iter']:.2f} s/iter, load {r['load_s']:.1f} s, objective {r['obj']:.6g}, {r['assigned']} rows assigned")
+    print(
+        f"cf_ray (backend=ray) on {r['nodes']} raylets, {len(r['actors'])} shard actors: "
+        f"{r['seconds_per_iter']:.2f} s/iter, load {r['load_s']:.1f} s, objective {r['obj']:.6g}, "
+        f"{r['assigned']} rows assigned"
+    )
     for i, info in enumerate(r["actors"]):
-        print(f"  actor {i}: {info['rows']} rows, shard {info['bytes'] / GiB:.2f} GiB, peak RSS {info['peak_rss'] / GiB:.2f} GiB")
+        print(
+            f"  actor {i}: {info['rows']} rows, shard {info['bytes'] / GiB:.2f} GiB, "
+            f"peak RSS {info['peak_rss'] / GiB:.2f} GiB"
+        )
     largest = max([i["peak_rss"] for i in r["actors"]] + [r["driver_peak_rss"]])
-    print(f"  driver peak RSS {r['driver_peak_rss'] / GiB:.2f} GiB; largest cf_ray process {largest / GiB:.2f} GiB "
-          f"= {largest / data_bytes:.2f}x the feature set")
+    print(
+        f"  driver peak RSS {r['driver_peak_rss'] / GiB:.2f} GiB; largest cf_ray process {largest / GiB:.2f} GiB "
+        f"= {largest / data_bytes:.2f}x the feature set"
+    )
     if a.skip_faiss:
         return
     f = run_faiss(files, a.k, a.niter, a.seed, threads=1)
-    print(f"faiss.Kmeans, 1 process: {f['seconds_per_iter']:.2f} s/iter, objective {f['obj']:.6g}, "
-          f"peak RSS {f['peak_rss'] / GiB:.2f} GiB = {f['peak_rss'] / data_bytes:.2f}x the feature set")
+    print(
+        f"faiss.Kmeans, 1 process: {f['seconds_per_iter']:.2f} s/iter, objective {f['obj']:.6g}, "
+        f"peak RSS {f['peak_rss'] / GiB:.2f} GiB = {f['peak_rss'] / data_bytes:.2f}x the feature set"
+    )
     print(f"ratio: largest cf_ray process / faiss process = {largest / f['peak_rss']:.2f}")
 
 

@@ -13,6 +13,7 @@ which on a loaded machine gives it many times their CPU share.
     python benchmarks/bench_train.py                                  # 2400 generated 32px images
     python benchmarks/bench_train.py --data ../shared/data/cifar10/train --limit 3000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,9 @@ def load_items(data: str | None, n: int, size: int, seed: int) -> pa.Table:
     from cf_ray.sources import list_items
 
     if data is None:
-        data = make_image_demo(os.path.join(tempfile.mkdtemp(prefix="bench_train_"), "data"), n_per_class=n // 6, size=size)
+        data = make_image_demo(
+            os.path.join(tempfile.mkdtemp(prefix="bench_train_"), "data"), n_per_class=n // 6, size=size
+        )
     items, _ = list_items(str(data))
     if items.num_rows > n:
         items = items.take(np.sort(np.random.default_rng(seed).choice(items.num_rows, n, replace=False)))
@@ -83,20 +86,38 @@ def plain_loop(items: pa.Table, cfg, media, num_classes: int, threads: int) -> l
             loss_sum += loss.item() * len(y)
             correct += int((logits.argmax(1) == y).sum())
         secs = time.time() - t0
-        history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "acc": correct / seen, "items_per_s": seen / secs,
-                        "seconds": secs})
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "loss": loss_sum / seen,
+                "acc": correct / seen,
+                "items_per_s": seen / secs,
+                "seconds": secs,
+            }
+        )
     return history
 
 
-def ray_train(items: pa.Table, cfg, media, num_classes: int, threads: int, workers: int, root: str) -> tuple[list[dict], float]:
+def ray_train(
+    items: pa.Table, cfg, media, num_classes: int, threads: int, workers: int, root: str
+) -> tuple[list[dict], float]:
     """(per-epoch history, start-up seconds) of cf_ray's train_classifier with ``workers`` Ray Train workers."""
     from cf_ray.train.loop import train_classifier
 
     c = cfg.model_copy(update={"num_workers": workers, "cpus_per_worker": 0.5 if workers > 1 else 1.0})
     name = f"w{workers}_{time.time_ns()}"
     t0 = time.time()
-    res = train_classifier(c, media, items, "labels", num_classes, os.path.join(root, "train"), name,
-                           os.path.join(root, name), threads=threads)
+    res = train_classifier(
+        c,
+        media,
+        items,
+        "labels",
+        num_classes,
+        os.path.join(root, "train"),
+        name,
+        os.path.join(root, name),
+        threads=threads,
+    )
     wall = time.time() - t0
     return res["history"], wall - sum(h["seconds"] for h in res["history"])
 
@@ -113,7 +134,9 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=16, help="resnet_tiny width")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (each Ray worker and the plain loop)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads per process (each Ray worker and the plain loop)"
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all cores)")
     ap.add_argument("--plain-in-driver", action="store_true", help="run the plain loop in this process (niceness 0)")
@@ -127,8 +150,14 @@ def main() -> None:
     items = load_items(args.data, args.limit, args.size, seed=0)
     num_classes = len(set(items["target"].to_pylist()))
     media = ImageConfig(size=args.size)
-    cfg = TrainConfig(model=ModelConfig(width=args.width), epochs=args.epochs, batch_size=args.batch_size,
-                      warmup_epochs=0, use_gpu="no", keep_checkpoints=1)
+    cfg = TrainConfig(
+        model=ModelConfig(width=args.width),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        warmup_epochs=0,
+        use_gpu="no",
+        keep_checkpoints=1,
+    )
     load_before = os.getloadavg()
     t0 = time.time()
     init_ray(args.num_cpus, 1024)
@@ -141,32 +170,52 @@ def main() -> None:
     startup = {"ray_1w": [], "ray_2w": []}
     wait = {"ray_1w": [], "ray_2w": []}  # share of steady epochs rank 0 spent waiting for its next batch
     for r in range(args.rounds):
-        for kind in list(rows)[r % 3:] + list(rows)[: r % 3]:  # rotate the order so no path always runs first
+        for kind in list(rows)[r % 3 :] + list(rows)[: r % 3]:  # rotate the order so no path always runs first
             if kind == "plain":
-                h = ray.get(plain_task.remote(items, cfg, media, num_classes, args.threads)) if not args.plain_in_driver else \
-                    plain_loop(items, cfg, media, num_classes, args.threads)
+                h = (
+                    ray.get(plain_task.remote(items, cfg, media, num_classes, args.threads))
+                    if not args.plain_in_driver
+                    else plain_loop(items, cfg, media, num_classes, args.threads)
+                )
                 rows[kind].append(steady(h))
                 continue
             h, s = ray_train(items, cfg, media, num_classes, args.threads, int(kind[4]), root)
             rows[kind].append(steady(h))
             startup[kind].append(s)
             wait[kind].append(sum(x["data_wait_s"] for x in h[1:]) / sum(x["seconds"] for x in h[1:]))
-        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f} items/s" for k, v in rows.items())
-              + f"; start-up 1w {startup['ray_1w'][-1]:.1f}s, 2w {startup['ray_2w'][-1]:.1f}s; data wait 1w "
-              f"{100 * wait['ray_1w'][-1]:.0f}%, 2w {100 * wait['ray_2w'][-1]:.0f}%; load {os.getloadavg()[0]:.1f}", flush=True)
+        print(
+            f"round {r + 1}: "
+            + ", ".join(f"{k} {v[-1]:.0f} items/s" for k, v in rows.items())
+            + f"; start-up 1w {startup['ray_1w'][-1]:.1f}s, 2w {startup['ray_2w'][-1]:.1f}s; data wait 1w "
+            f"{100 * wait['ray_1w'][-1]:.0f}%, 2w {100 * wait['ray_2w'][-1]:.0f}%; load {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
     med = {k: float(np.median(v)) for k, v in rows.items()}
     out = {
-        "items": items.num_rows, "size": args.size, "width": args.width, "batch_size": args.batch_size, "epochs": args.epochs,
-        "threads": args.threads, "rounds": args.rounds, "plain_in_driver": args.plain_in_driver, "ray_init_s": round(ray_init, 1),
+        "items": items.num_rows,
+        "size": args.size,
+        "width": args.width,
+        "batch_size": args.batch_size,
+        "epochs": args.epochs,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "plain_in_driver": args.plain_in_driver,
+        "ray_init_s": round(ray_init, 1),
         "median_items_per_s": {k: round(v, 1) for k, v in med.items()},
         "median_startup_s": {k: round(float(np.median(v)), 1) for k, v in startup.items()},
         "median_data_wait_share": {k: round(float(np.median(v)), 3) for k, v in wait.items()},
         "ray_1w_vs_plain": round(med["ray_1w"] / med["plain"], 3),
         "ray_2w_vs_1w": round(med["ray_2w"] / med["ray_1w"], 3),
-        "per_round": rows, "load_avg_before": load_before, "load_avg_after": os.getloadavg(), "cpus": os.cpu_count(),
+        "per_round": rows,
+        "load_avg_before": load_before,
+        "load_avg_after": os.getloadavg(),
+        "cpus": os.cpu_count(),
     }
     print(json.dumps(out, indent=1))
-    print(f"Ray Train 1 worker / plain PyTorch: {out['ray_1w_vs_plain']:.2f}x; 2 workers / 1 worker: {out['ray_2w_vs_1w']:.2f}x")
+    print(
+        f"Ray Train 1 worker / plain PyTorch: {out['ray_1w_vs_plain']:.2f}x; 2 workers / 1 worker: "
+        f"{out['ray_2w_vs_1w']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

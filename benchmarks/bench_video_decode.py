@@ -6,6 +6,7 @@
 Both sides produce (clips, T, size, size, 3) uint8 from bytes already in memory (file reading is not
 timed), taking every video in turn, one after the other, in one process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -91,7 +92,9 @@ def main() -> None:
     print(f"clips: {args.num_clips} x {args.clip_len} frames, stride {args.stride}, {args.size} px  ({n_clips} clips)")
     print(f"decode_clips (seek + decode needed span):  {t_ours:6.2f} s  {n_clips / t_ours:7.1f} clips/s")
     print(f"baseline (decode every frame, then sample): {t_base:6.2f} s  {n_clips / t_base:7.1f} clips/s")
-    print(f"speed-up: {t_base / t_ours:.2f}x   mean |difference| of outputs: {np.mean(diffs):.2f} / 255 (resizers differ)")
+    print(
+        f"speed-up: {t_base / t_ours:.2f}x   mean |difference| of outputs: {np.mean(diffs):.2f} / 255 (resizers differ)"
+    )
     print(f"python {platform.python_version()}, av {av.__version__}, numpy {np.__version__}, {platform.machine()}")
 
 

@@ -8,6 +8,7 @@ timed, so both see a warm page cache. Printed: videos/s and clips/s of each, and
 
     python benchmarks/bench_video_extract.py --data ../shared/data/fight_video --limit 60
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,16 @@ def plain_loop(paths: list[str], args, layers: list[str]) -> tuple[float, int]:
             with open(paths[i], "rb") as f:
                 data = f.read()
             try:
-                clips = decode_clips(data, media.num_clips, media.clip_len, media.stride, media.size, media.resize,
-                                     media.short, timeout_s=media.timeout_s)
+                clips = decode_clips(
+                    data,
+                    media.num_clips,
+                    media.clip_len,
+                    media.stride,
+                    media.size,
+                    media.resize,
+                    media.short,
+                    timeout_s=media.timeout_s,
+                )
                 return torch.from_numpy(clips), True
             except ValueError:
                 return torch.zeros(shape, dtype=torch.uint8), False
@@ -79,8 +88,14 @@ def cf_ray_extract(manifest: str, args, layers: list[str]) -> tuple[float, dict]
     write_items(items, f"{tmp}/items.parquet")
     mcfg = ModelConfig(arch=args.arch, width=args.width, stem=args.stem)
     save_backbone(build(mcfg, seed=0), mcfg, f"{tmp}/model")
-    cfg = ExtractConfig(layers=layers, batch_size=args.batch, block_rows=args.block_rows, num_actors=1, cpus_per_actor=1,
-                        torch_threads=args.threads)
+    cfg = ExtractConfig(
+        layers=layers,
+        batch_size=args.batch,
+        block_rows=args.block_rows,
+        num_actors=1,
+        cpus_per_actor=1,
+        torch_threads=args.threads,
+    )
     media = VideoConfig(size=args.size, clip_len=args.clip_len, stride=args.stride, num_clips=args.num_clips)
     t0 = time.time()
     res = run_extract(cfg, media, f"{tmp}/items.parquet", f"{tmp}/model", f"{tmp}/feat")
@@ -89,7 +104,9 @@ def cf_ray_extract(manifest: str, args, layers: list[str]) -> tuple[float, dict]
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default="../shared/data/fight_video", help="folder of videos or a manifest with a path column")
+    p.add_argument(
+        "--data", default="../shared/data/fight_video", help="folder of videos or a manifest with a path column"
+    )
     p.add_argument("--limit", type=int, default=60, help="benchmark a seeded subset of this many videos (0: all)")
     p.add_argument("--arch", default="r2plus1d_tiny")
     p.add_argument("--width", type=int, default=16)
@@ -119,23 +136,45 @@ def main() -> None:
     size_mb = sum(len(open(q, "rb").read()) for q in paths) / 2**20  # also warms the page cache for both sides
 
     clips = len(paths) * args.num_clips
-    print(f"{len(paths)} videos ({size_mb:.1f} MiB) from {args.data}; {args.num_clips} clips x {args.clip_len} frames "
-          f"(stride {args.stride}) at {args.size}px per video; {args.arch} width {args.width} stem {args.stem}, "
-          f"batch {args.batch} videos, {args.threads} torch thread(s), layers {layers}", flush=True)
+    print(
+        f"{len(paths)} videos ({size_mb:.1f} MiB) from {args.data}; {args.num_clips} clips x {args.clip_len} frames "
+        f"(stride {args.stride}) at {args.size}px per video; {args.arch} width {args.width} stem {args.stem}, "
+        f"batch {args.batch} videos, {args.threads} torch thread(s), layers {layers}",
+        flush=True,
+    )
     plain_s, bad = plain_loop(paths, args, layers)
-    print(f"plain PyTorch DataLoader loop : {len(paths) / plain_s:7.2f} videos/s {clips / plain_s:8.2f} clips/s "
-          f"({plain_s:.1f} s, {bad} undecodable)", flush=True)
+    print(
+        f"plain PyTorch DataLoader loop : {len(paths) / plain_s:7.2f} videos/s {clips / plain_s:8.2f} clips/s "
+        f"({plain_s:.1f} s, {bad} undecodable)",
+        flush=True,
+    )
     ours_s, res = cf_ray_extract(manifest, args, layers)
-    print(f"cf_ray run_extract (Parquet)  : {len(paths) / ours_s:7.2f} videos/s {clips / ours_s:8.2f} clips/s "
-          f"({ours_s:.1f} s incl. actor start-up and Parquet write, {res['skipped']} undecodable)")
+    print(
+        f"cf_ray run_extract (Parquet)  : {len(paths) / ours_s:7.2f} videos/s {clips / ours_s:8.2f} clips/s "
+        f"({ours_s:.1f} s incl. actor start-up and Parquet write, {res['skipped']} undecodable)"
+    )
     print(f"ratio cf_ray / plain          : {plain_s / ours_s:7.2f}x")
     import av
     import ray
 
-    print(json.dumps({"videos": len(paths), "clips": clips, "plain_videos_s": round(len(paths) / plain_s, 2),
-                      "cf_ray_videos_s": round(len(paths) / ours_s, 2), "ratio": round(plain_s / ours_s, 3),
-                      "cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-                      "torch": torch.__version__, "ray": ray.__version__, "av": av.__version__, "numpy": np.__version__}))
+    print(
+        json.dumps(
+            {
+                "videos": len(paths),
+                "clips": clips,
+                "plain_videos_s": round(len(paths) / plain_s, 2),
+                "cf_ray_videos_s": round(len(paths) / ours_s, 2),
+                "ratio": round(plain_s / ours_s, 3),
+                "cpus": os.cpu_count(),
+                "machine": platform.machine(),
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "ray": ray.__version__,
+                "av": av.__version__,
+                "numpy": np.__version__,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ in a fresh directory (``--skip-clean`` reuses <out>/clean). The script compares 
 and ids) and the features (ids, rows), prints the timings and the ratio (killed + rerun) / clean, and
 writes everything to <out>/soak.json. Exit status 1 when the resumed run's outputs differ from the clean run's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,15 +30,33 @@ sys.path.insert(0, str(ROOT))
 
 # Small enough that one run takes minutes on 2 CPU cores, big enough that every stage does real work.
 OVERRIDES = [
-    "data_limit=10000", "pretrain.train.epochs=1", "retrain.epochs=2", "pretrain.train.model.width=8",
-    "retrain.model.width=8", "extract.block_rows=1000", "cluster.k=50", "probe.epochs=30", "probe.weight_decays=[0.0001]",
+    "data_limit=10000",
+    "pretrain.train.epochs=1",
+    "retrain.epochs=2",
+    "pretrain.train.model.width=8",
+    "retrain.model.width=8",
+    "extract.block_rows=1000",
+    "cluster.k=50",
+    "probe.epochs=30",
+    "probe.weight_decays=[0.0001]",
     "ray.object_store_mb=1024",
 ]
 
 
 def command(args, run_dir: Path) -> list[str]:
-    return [sys.executable, str(ROOT / "jobs" / "clusterfit_image.py"), "--config", str(ROOT / "configs" / "image_cifar10.yaml"),
-            "--data", args.data, "--target", args.target, "--run-dir", str(run_dir), *OVERRIDES]
+    return [
+        sys.executable,
+        str(ROOT / "jobs" / "clusterfit_image.py"),
+        "--config",
+        str(ROOT / "configs" / "image_cifar10.yaml"),
+        "--data",
+        args.data,
+        "--target",
+        args.target,
+        "--run-dir",
+        str(run_dir),
+        *OVERRIDES,
+    ]
 
 
 def manifest(run_dir: Path) -> dict:
@@ -48,7 +67,11 @@ def manifest(run_dir: Path) -> dict:
 
 
 def committed_parts(folder: Path) -> int:
-    return len([f for f in os.listdir(folder) if f.startswith("part-") and f.endswith(".parquet")]) if folder.exists() else 0
+    return (
+        len([f for f in os.listdir(folder) if f.startswith("part-") and f.endswith(".parquet")])
+        if folder.exists()
+        else 0
+    )
 
 
 def run(cmd: list[str], log: Path, env: dict, kill_when=None) -> dict:
@@ -93,7 +116,12 @@ def main() -> int:
     args.data, args.target = str(Path(args.data).absolute()), str(Path(args.target).absolute())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_V2_ENABLED": "1"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+        "RAY_TRAIN_V2_ENABLED": "1",
+    }
     resumed_dir, clean_dir = out / "resumed", out / "clean"
     if resumed_dir.exists():
         raise SystemExit(f"{resumed_dir} exists; pass a fresh --out")
@@ -109,8 +137,12 @@ def main() -> int:
             return any((resumed_dir / "train" / args.kill_stage).glob("checkpoint_*"))
         return True
 
-    res = {"command": " ".join(command(args, Path("<run_dir>"))), "overrides": OVERRIDES, "kill_stage": args.kill_stage,
-           "load_before": os.getloadavg()}
+    res = {
+        "command": " ".join(command(args, Path("<run_dir>"))),
+        "overrides": OVERRIDES,
+        "kill_stage": args.kill_stage,
+        "load_before": os.getloadavg(),
+    }
     print(f"run 1 (killed during {args.kill_stage}) ...", flush=True)
     res["run1"] = run(command(args, resumed_dir), out / "run1.log", env, kill_now)
     res["run1"]["stages_at_kill"] = {k: v.get("status") for k, v in manifest(resumed_dir).items()}
@@ -136,15 +168,23 @@ def main() -> int:
         "feature_ids_equal": a["feature_ids"] == b["feature_ids"],
         "feature_errors": (a["feature_errors"], b["feature_errors"]),
         "unique_assignment_ids": len(set(a["assignment_ids"])) == len(a["assignment_ids"]),
-        "same_cluster_fraction": sum(a["clusters"][i] == b["clusters"].get(i) for i in a["clusters"]) / max(1, len(a["clusters"])),
+        "same_cluster_fraction": sum(a["clusters"][i] == b["clusters"].get(i) for i in a["clusters"])
+        / max(1, len(a["clusters"])),
     }
     res["compare"] = same
     resumed_s = res["run1"]["seconds"] + res["run2"]["seconds"]
     if "clean" in res:
         res["ratio_killed_plus_rerun_over_clean"] = round(resumed_s / res["clean"]["seconds"], 2)
     (out / "soak.json").write_text(json.dumps(res, indent=2, default=str))
-    print(json.dumps({k: v for k, v in res.items() if k not in ("resumed_stages", "clean_stages")}, indent=2, default=str))
-    ok = res["run2"]["rc"] == 0 and same["assignment_ids_equal"] and same["feature_ids_equal"] and same["unique_assignment_ids"]
+    print(
+        json.dumps({k: v for k, v in res.items() if k not in ("resumed_stages", "clean_stages")}, indent=2, default=str)
+    )
+    ok = (
+        res["run2"]["rc"] == 0
+        and same["assignment_ids_equal"]
+        and same["feature_ids_equal"]
+        and same["unique_assignment_ids"]
+    )
     print("SOAK " + ("PASSED" if ok else "FAILED"), flush=True)
     return 0 if ok else 1
 

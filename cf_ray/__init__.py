@@ -1,2 +1,3 @@
 """cf_ray: ClusterFit on Ray."""
+
 __version__ = "0.1.0"

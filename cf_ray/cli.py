@@ -1,4 +1,5 @@
 """`cf-ray <stage>`: run the whole image job or any one stage of it inside a run directory."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,14 +17,24 @@ STAGES = ("all", "pretrain", "extract", "cluster", "retrain", "transfer", "repor
 def parser(prog: str = "cf-ray", with_stage: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="ClusterFit on Ray, for images and video.")
     if with_stage:
-        p.add_argument("stage", choices=STAGES, help="'all' runs every stage not yet done; a stage name redoes that stage "
-                   "(and forgets later ones, so the next 'all' recomputes them)")
+        p.add_argument(
+            "stage",
+            choices=STAGES,
+            help="'all' runs every stage not yet done; a stage name redoes that stage "
+            "(and forgets later ones, so the next 'all' recomputes them)",
+        )
     p.add_argument("--config", help="YAML file overriding the defaults (see docs/config.md)")
     p.add_argument("--data", help="images to pre-train and cluster on: folder or manifest (.csv/.parquet), path or URI")
-    p.add_argument("--target", help="labelled target for transfer: folder with train/ and test/, or one labelled folder")
+    p.add_argument(
+        "--target", help="labelled target for transfer: folder with train/ and test/, or one labelled folder"
+    )
     p.add_argument("--run-dir", help="where outputs go (path or URI)")
     p.add_argument("--video", action="store_true", help="the inputs are videos (same as modality=video)")
-    p.add_argument("--demo", action="store_true", help="generate the demo dataset and run on it with configs/<image|video>_demo.yaml")
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="generate the demo dataset and run on it with configs/<image|video>_demo.yaml",
+    )
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. cluster.k=500 retrain.epochs=30")
     return p
 
@@ -70,8 +81,13 @@ def run_stage(stage: str, cfg: JobConfig) -> dict:
     run.stage("items", lambda: pl.stage_items(run, paths, inputs))
     init_ray(cfg.ray.num_cpus, cfg.ray.object_store_mb)
     pl.check_cluster(cfg)
-    first = {"pretrain": "pretrain", "extract": "extract_source", "cluster": "cluster", "retrain": "retrain",
-             "transfer": pl.transfer_stages(next(iter(cfg.transfer_targets())))[0]}[stage]
+    first = {
+        "pretrain": "pretrain",
+        "extract": "extract_source",
+        "cluster": "cluster",
+        "retrain": "retrain",
+        "transfer": pl.transfer_stages(next(iter(cfg.transfer_targets())))[0],
+    }[stage]
     pl.redo_from(cfg, run, paths, first)
     if stage == "pretrain":
         return run.stage("pretrain", lambda: pl.stage_pretrain(cfg, run, paths))

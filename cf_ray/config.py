@@ -3,6 +3,7 @@
 Every stage receives only its own config. An unknown key or a wrong type is rejected, naming the key,
 before any work starts.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -47,9 +48,15 @@ class VideoConfig(_Strict):
     resize: int | None = Field(None, gt=0, description="Short side before the crop; default: size.")
     clip_len: int = Field(16, gt=0, description="Frames per clip (T).")
     stride: int = Field(2, gt=0, description="Take every stride-th frame of the video's frame grid.")
-    num_clips: int = Field(4, gt=0, description="Uniformly spaced clips per video for extraction; the video feature is their mean.")
-    short: Literal["loop", "pad"] = Field("loop", description="Videos shorter than a clip: loop them or repeat the last frame.")
-    timeout_s: float = Field(60.0, gt=0, description="A decode that takes longer is abandoned and the video recorded as skipped.")
+    num_clips: int = Field(
+        4, gt=0, description="Uniformly spaced clips per video for extraction; the video feature is their mean."
+    )
+    short: Literal["loop", "pad"] = Field(
+        "loop", description="Videos shorter than a clip: loop them or repeat the last frame."
+    )
+    timeout_s: float = Field(
+        60.0, gt=0, description="A decode that takes longer is abandoned and the video recorded as skipped."
+    )
     mean: tuple[float, float, float] = Field((0.43216, 0.394666, 0.37645), description="Kinetics mean.")
     std: tuple[float, float, float] = Field((0.22803, 0.22145, 0.216989), description="Kinetics std.")
 
@@ -59,7 +66,9 @@ class ModelConfig(_Strict):
 
     arch: str = Field("resnet_tiny", description="Registered backbone name, e.g. resnet_tiny, resnet18, resnet50.")
     width: int = Field(16, gt=0, description="Base width (channels of res2) for width-configurable backbones.")
-    stem: Literal["cifar", "imagenet"] = Field("cifar", description="cifar: 3x3 conv, no max-pool (small images); imagenet: 7x7/2 + max-pool.")
+    stem: Literal["cifar", "imagenet"] = Field(
+        "cifar", description="cifar: 3x3 conv, no max-pool (small images); imagenet: 7x7/2 + max-pool."
+    )
 
     @field_validator("arch")
     @classmethod
@@ -79,32 +88,46 @@ class TrainConfig(_Strict):
     batch_size: int = Field(128, gt=0, description="Per-worker batch size.")
     lr: float = Field(0.1, gt=0, description="Peak learning rate for a global batch of 256 (scaled linearly).")
     optimizer: Literal["sgd", "adamw"] = Field(
-        "sgd", description="sgd: SGD with Nesterov momentum; adamw: AdamW, same peak-lr rule (on CPU budgets SGD leaves the tiny "
-        "video nets at chance on the arrow-of-time proxy; AdamW does not)."
+        "sgd",
+        description="sgd: SGD with Nesterov momentum; adamw: AdamW, same peak-lr rule (on CPU budgets SGD leaves the "
+        "tiny "
+        "video nets at chance on the arrow-of-time proxy; AdamW does not).",
     )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (optimizer=sgd).")
     weight_decay: float = Field(5e-4, ge=0)
     warmup_epochs: int = Field(1, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     sampling: Literal["natural", "uniform"] = Field(
-        "natural", description="Retraining on cluster ids: natural: every item once per epoch; uniform: every non-empty cluster "
-        "equally likely (DeepCluster's UnifLabelSampler, drawn on each worker's stream; empty clusters ignored)."
+        "natural",
+        description="Retraining on cluster ids: natural: every item once per epoch; uniform: every non-empty cluster "
+        "equally likely (DeepCluster's UnifLabelSampler, drawn on each worker's stream; empty clusters ignored).",
     )
     class_weighted_loss: bool = Field(
-        False, description="Retraining on cluster ids: weight the cross-entropy by inverse cluster size (the loss-side "
-        "equivalent of sampling=uniform; the old key balanced_sampling sets this)."
+        False,
+        description="Retraining on cluster ids: weight the cross-entropy by inverse cluster size (the loss-side "
+        "equivalent of sampling=uniform; the old key balanced_sampling sets this).",
     )
     num_workers: int = Field(1, gt=0, description="Ray Train workers.")
     cpus_per_worker: float = Field(1.0, gt=0)
-    use_gpu: Literal["auto", "yes", "no"] = Field("auto", description="auto: a GPU per worker when the cluster has GPUs.")
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="bf16: forward pass under bfloat16 autocast (the loss "
-                                                       "and the weights stay float32); auto: bf16 on GPU, fp32 on CPU.")
-    channels_last: Literal["auto", "yes", "no"] = Field("auto", description="Channels-last memory format for weights and inputs "
-                                                        "(channels_last_3d for video); auto: on GPU only.")
+    use_gpu: Literal["auto", "yes", "no"] = Field(
+        "auto", description="auto: a GPU per worker when the cluster has GPUs."
+    )
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="bf16: forward pass under bfloat16 autocast (the loss "
+        "and the weights stay float32); auto: bf16 on GPU, fp32 on CPU.",
+    )
+    channels_last: Literal["auto", "yes", "no"] = Field(
+        "auto",
+        description="Channels-last memory format for weights and inputs "
+        "(channels_last_3d for video); auto: on GPU only.",
+    )
     max_failures: int = Field(2, ge=-1, description="Worker failures tolerated (restart from the last checkpoint).")
     keep_checkpoints: int = Field(
-        2, gt=0, description="Checkpoints kept under the storage path: this many with the best training accuracy, plus always "
-        "the latest (the resume point)."
+        2,
+        gt=0,
+        description="Checkpoints kept under the storage path: this many with the best training accuracy, plus always "
+        "the latest (the resume point).",
     )
     seed: int = 0
 
@@ -122,16 +145,23 @@ class PretrainConfig(_Strict):
     """Where the pre-trained network comes from."""
 
     source: Literal["rotnet", "labels", "checkpoint", "torchvision"] = Field(
-        "rotnet", description="rotnet: self-supervised pre-training here (task: pretrain.proxy); labels: weakly supervised "
-        "pre-training on the source's class-folder labels (the only mode that reads them), pretrain.label_noise of them "
-        "flipped; checkpoint: a state_dict file; torchvision: weights in the local torch cache."
+        "rotnet",
+        description="rotnet: self-supervised pre-training here (task: pretrain.proxy); labels: weakly supervised "
+        "pre-training on the source's class-folder labels (the only mode that reads them), "
+        "pretrain.label_noise of them "
+        "flipped; checkpoint: a state_dict file; torchvision: weights in the local torch cache.",
     )
     label_noise: float = Field(
-        0.0, ge=0, lt=1, description="source=labels: this fraction of the source labels, drawn with seed, is replaced by a "
-        "different class drawn uniformly (the weakly supervised setting)."
+        0.0,
+        ge=0,
+        lt=1,
+        description="source=labels: this fraction of the source labels, drawn with seed, is replaced by a "
+        "different class drawn uniformly (the weakly supervised setting).",
     )
     proxy: Literal["rotation", "arrow_of_time"] = Field(
-        "rotation", description="Self-supervised task for source=rotnet: rotation (RotNet; 3D RotNet on clips) or arrow_of_time (video: forward vs backward)."
+        "rotation",
+        description="Self-supervised task for source=rotnet: rotation (RotNet; 3D RotNet on clips) or arrow_of_time "
+        "(video: forward vs backward).",
     )
     checkpoint: str | None = Field(None, description="Path to a backbone state_dict (source=checkpoint).")
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -148,17 +178,23 @@ class PretrainConfig(_Strict):
 class ExtractConfig(_Strict):
     """Ray Data feature extraction into Parquet."""
 
-    layers: list[str] = Field(["res3", "res4", "res5"], min_length=1, description="Feature taps, globally average-pooled.")
+    layers: list[str] = Field(
+        ["res3", "res4", "res5"], min_length=1, description="Feature taps, globally average-pooled."
+    )
     batch_size: int = Field(256, gt=0)
     block_rows: int = Field(2048, gt=0, description="Rows per Ray Data block (and per output file).")
     num_actors: int = Field(1, gt=0, description="Actor pool size (one GPU each where the cluster has GPUs).")
     cpus_per_actor: float = Field(1.0, gt=0)
     torch_threads: int = Field(0, ge=0, description="intra-op threads per actor; 0 = cpus_per_actor.")
     use_gpu: Literal["auto", "yes", "no"] = "auto"
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="bf16: forward passes under bfloat16 autocast "
-                                                       "(features are written as float32); auto: bf16 on GPU, fp32 on CPU.")
-    channels_last: Literal["auto", "yes", "no"] = Field("auto", description="Channels-last weights and inputs "
-                                                        "(channels_last_3d for video); auto: on GPU only.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="bf16: forward passes under bfloat16 autocast "
+        "(features are written as float32); auto: bf16 on GPU, fp32 on CPU.",
+    )
+    channels_last: Literal["auto", "yes", "no"] = Field(
+        "auto", description="Channels-last weights and inputs (channels_last_3d for video); auto: on GPU only."
+    )
 
 
 class ClusterConfig(_Strict):
@@ -169,29 +205,54 @@ class ClusterConfig(_Strict):
     niter: int = Field(20, gt=0)
     seed: int = 1234
     l2_normalize: bool = True
-    pca_dim: int | None = Field(None, gt=0, description="PCA-whiten to this many dims after L2 (VISSL order); none: off.")
-    max_points_per_centroid: int = Field(10_000_000, gt=0, description="Train on at most k times this many rows (a seeded sample, as faiss does), then assign every row; large = use all rows.")
-    backend: Literal["faiss", "ray"] = Field("faiss", description="faiss: single process on the driver; ray: rows sharded over Ray actors (cf_ray.kmeans.distributed).")
+    pca_dim: int | None = Field(
+        None, gt=0, description="PCA-whiten to this many dims after L2 (VISSL order); none: off."
+    )
+    max_points_per_centroid: int = Field(
+        10_000_000,
+        gt=0,
+        description="Train on at most k times this many rows (a seeded sample, as faiss does), then assign every row; "
+        "large = use all rows.",
+    )
+    backend: Literal["faiss", "ray"] = Field(
+        "faiss",
+        description="faiss: single process on the driver; ray: rows sharded over Ray actors "
+        "(cf_ray.kmeans.distributed).",
+    )
     num_actors: int = Field(2, gt=0, description="backend=ray: shard actors (at most one per feature file).")
     cpus_per_actor: float = Field(1, gt=0, description="backend=ray: CPUs per actor (also its faiss threads).")
-    tol: float = Field(0.0, ge=0, description="backend=ray: stop when the objective changes by less than this fraction; 0: run niter.")
-    init: Literal["random", "kmeans++"] = Field("random", description="backend=ray: k seeded random rows, or k-means++ on a seeded sample of 20*k rows.")
-    spherical: bool = Field(False, description="backend=ray: inner-product assignment and unit-norm centroids (faiss spherical).")
+    tol: float = Field(
+        0.0, ge=0, description="backend=ray: stop when the objective changes by less than this fraction; 0: run niter."
+    )
+    init: Literal["random", "kmeans++"] = Field(
+        "random", description="backend=ray: k seeded random rows, or k-means++ on a seeded sample of 20*k rows."
+    )
+    spherical: bool = Field(
+        False, description="backend=ray: inner-product assignment and unit-norm centroids (faiss spherical)."
+    )
 
 
 class ProbeConfig(_Strict):
     """Linear probes on frozen features (transfer)."""
 
     layers: list[str] = Field(["res3", "res4", "res5"], min_length=1)
-    weight_decays: list[float] = Field([1e-5, 1e-4, 1e-3, 1e-2], min_length=1, description="Grid; the best on a held-out part of train is kept.")
+    weight_decays: list[float] = Field(
+        [1e-5, 1e-4, 1e-3, 1e-2], min_length=1, description="Grid; the best on a held-out part of train is kept."
+    )
     epochs: int = Field(100, gt=0, description="Full-batch L-BFGS steps.")
     val_fraction: float = Field(0.2, gt=0, lt=1)
     test_fraction: float = Field(0.3, gt=0, lt=1, description="Used only when the target has no test split.")
-    multi_label: bool = Field(False, description="The target's items carry several labels (label column 'a|b', see label_sep): "
-                              "one-vs-rest probes scored by mAP (the paper's VOC07 setting) instead of top-1.")
+    multi_label: bool = Field(
+        False,
+        description="The target's items carry several labels (label column 'a|b', see label_sep): "
+        "one-vs-rest probes scored by mAP (the paper's VOC07 setting) instead of top-1.",
+    )
     label_sep: str = Field("|", min_length=1, description="Separator of the labels of one item (multi_label).")
-    finetune: bool = Field(False, description="Also fine-tune each whole network (random, pretrained, clusterfit) on the target's "
-                           "train split as a Ray Train job and report its test top-1 next to the probes (single-label targets).")
+    finetune: bool = Field(
+        False,
+        description="Also fine-tune each whole network (random, pretrained, clusterfit) on the target's "
+        "train split as a Ray Train job and report its test top-1 next to the probes (single-label targets).",
+    )
     finetune_train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(epochs=5, lr=0.02, warmup_epochs=0),
         description="The fine-tuning run (finetune=true); its model section is ignored: each backbone keeps its own.",
@@ -201,7 +262,9 @@ class ProbeConfig(_Strict):
     @model_validator(mode="after")
     def _finetune_single_label(self) -> "ProbeConfig":
         if self.finetune and self.multi_label:
-            raise ValueError("probe.finetune supports single-label targets only; set probe.finetune=false for multi_label")
+            raise ValueError(
+                "probe.finetune supports single-label targets only; set probe.finetune=false for multi_label"
+            )
         return self
 
 
@@ -215,8 +278,14 @@ class RayConfig(_Strict):
 class TargetConfig(_Strict):
     """One labelled transfer target."""
 
-    path: str = Field(..., min_length=1, description="A folder with train/ and test/, or one labelled folder/manifest (split deterministically).")
-    multi_label: bool | None = Field(None, description="Several labels per item, scored by mAP; default: probe.multi_label.")
+    path: str = Field(
+        ...,
+        min_length=1,
+        description="A folder with train/ and test/, or one labelled folder/manifest (split deterministically).",
+    )
+    multi_label: bool | None = Field(
+        None, description="Several labels per item, scored by mAP; default: probe.multi_label."
+    )
 
 
 TARGET_NAME = r"^[A-Za-z][A-Za-z0-9_-]*$"
@@ -225,14 +294,27 @@ TARGET_NAME = r"^[A-Za-z][A-Za-z0-9_-]*$"
 class JobConfig(_Strict):
     """The whole ClusterFit job, for images or video."""
 
-    modality: Literal["image", "video"] = Field("image", description="video: inputs are video files and backbones default to r2plus1d_tiny.")
+    modality: Literal["image", "video"] = Field(
+        "image", description="video: inputs are video files and backbones default to r2plus1d_tiny."
+    )
     run_dir: str = Field("runs/image", description="Path or URI of the run directory.")
-    data: str = Field("", description="Images to pre-train and cluster on (folder or manifest); labels, if any, are ignored.")
-    data_limit: int | None = Field(None, gt=0, description="Use a seeded random subset of this many source items (VISSL's DATA_LIMIT); none: all.")
-    target: str = Field("", description="Labelled target for transfer: a folder with train/ and test/, or one labelled folder/manifest (split deterministically).")
-    targets: dict[str, TargetConfig] = Field({}, description="More transfer targets in the same job, name -> folder (or -> {path, multi_label}), "
-                                             "e.g. targets.flowers=../shared/data/flowers; each gets its own probes, table and plot. "
-                                             "`target`, if set, is the one named 'target'.")
+    data: str = Field(
+        "", description="Images to pre-train and cluster on (folder or manifest); labels, if any, are ignored."
+    )
+    data_limit: int | None = Field(
+        None, gt=0, description="Use a seeded random subset of this many source items (VISSL's DATA_LIMIT); none: all."
+    )
+    target: str = Field(
+        "",
+        description="Labelled target for transfer: a folder with train/ and test/, or one labelled folder/manifest "
+        "(split deterministically).",
+    )
+    targets: dict[str, TargetConfig] = Field(
+        {},
+        description="More transfer targets in the same job, name -> folder (or -> {path, multi_label}), "
+        "e.g. targets.flowers=../shared/data/flowers; each gets its own probes, table and plot. "
+        "`target`, if set, is the one named 'target'.",
+    )
     seed: int = 0
     image: ImageConfig = Field(default_factory=ImageConfig)
     video: VideoConfig = Field(default_factory=VideoConfig)
@@ -281,8 +363,10 @@ class JobConfig(_Strict):
     def transfer_targets(self) -> dict[str, TargetConfig]:
         """Every transfer target by name, with multi_label resolved: `target` first (as 'target'), then `targets`."""
         named = ({"target": TargetConfig(path=self.target)} if self.target else {}) | self.targets
-        return {n: t.model_copy(update={"multi_label": self.probe.multi_label if t.multi_label is None else t.multi_label})
-                for n, t in named.items()}
+        return {
+            n: t.model_copy(update={"multi_label": self.probe.multi_label if t.multi_label is None else t.multi_label})
+            for n, t in named.items()
+        }
 
     @property
     def media(self) -> "ImageConfig | VideoConfig":
@@ -308,7 +392,9 @@ class JobConfig(_Strict):
     def _layers_extracted(self) -> "JobConfig":
         missing = [l for l in [self.cluster.layer, *self.probe.layers] if l not in self.extract.layers]
         if missing:
-            raise ValueError(f"layers {missing} are used by cluster/probe but not in extract.layers={self.extract.layers}")
+            raise ValueError(
+                f"layers {missing} are used by cluster/probe but not in extract.layers={self.extract.layers}"
+            )
         return self
 
 

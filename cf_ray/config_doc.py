@@ -1,7 +1,8 @@
 """Generate docs/config.md from the config models, so the reference cannot drift from the code.
 
-    python -m cf_ray.config_doc > docs/config.md
+python -m cf_ray.config_doc > docs/config.md
 """
+
 from __future__ import annotations
 
 from pydantic import BaseModel

@@ -4,6 +4,7 @@ Six upright shape classes (triangle, arrow, tee, house, tree, person) with a ran
 position over a random gradient. Only the shape tells which way is up, so rotation prediction (RotNet)
 must learn shape features, and the shape class is what a good representation should separate.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,7 +21,10 @@ def _draw_shape(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: flo
     if shape == "triangle":
         d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
     elif shape == "arrow":
-        d.polygon([(cx, cy - r), (cx - r, cy), (cx - w, cy), (cx - w, cy + r), (cx + w, cy + r), (cx + w, cy), (cx + r, cy)], fill=colour)
+        d.polygon(
+            [(cx, cy - r), (cx - r, cy), (cx - w, cy), (cx - w, cy + r), (cx + w, cy + r), (cx + w, cy), (cx + r, cy)],
+            fill=colour,
+        )
     elif shape == "tee":
         d.rectangle([cx - r, cy - r, cx + r, cy - r + 2 * w], fill=colour)
         d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=colour)
@@ -41,7 +45,7 @@ def make_image(shape: str, size: int, rng: np.random.Generator) -> Image.Image:
     s = 4 * size  # draw large, downsample: anti-aliased edges like a photo
     # A linear gradient in a random direction: texture without a global 'up' cue.
     angle = rng.uniform(0, 2 * np.pi)
-    yy, xx = np.mgrid[0:1:s * 1j, 0:1:s * 1j]
+    yy, xx = np.mgrid[0 : 1 : s * 1j, 0 : 1 : s * 1j]
     ramp = (np.cos(angle) * xx + np.sin(angle) * yy)[..., None]
     c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
     bg = c0 + (c1 - c0) * (ramp - ramp.min()) / (np.ptp(ramp) + 1e-9) + rng.normal(0, 10, (s, s, 3))
@@ -70,11 +74,12 @@ def make_image_demo(root: str | Path, n_per_class: int = 200, size: int = 32, se
     return root
 
 
-def make_demo_splits(root: str | Path, n_unlabelled: int = 300, n_train: int = 100, n_test: int = 100, size: int = 32, seed: int = 0):
+def make_demo_splits(
+    root: str | Path, n_unlabelled: int = 300, n_train: int = 100, n_test: int = 100, size: int = 32, seed: int = 0
+):
     """The demo's three folders: unlabelled (to pre-train and cluster on) and a labelled target train/test."""
     root = Path(root)
     data = make_image_demo(root / "unlabelled", n_unlabelled, size, seed)
     make_image_demo(root / "target" / "train", n_train, size, seed + 1)
     make_image_demo(root / "target" / "test", n_test, size, seed + 2)
     return data, root / "target"
-

@@ -18,6 +18,7 @@ Two design points, both about what the training sees:
   data. Classes that mirror into each other (the earlier left/right/cw/ccw) would be made indistinguishable
   by the retraining's own augmentation.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -31,7 +32,11 @@ from PIL import Image, ImageDraw
 
 MOTIONS = ("up", "down", "sideways", "spin", "shake", "orbit")
 _OUTLINES = ("square", "triangle", "bar", "cross", "ell")
-_SLIDE = {"up": (0, -1), "down": (0, 1), "sideways": (1, 0)}  # (dx, dy), image rows grow downwards; sideways: x sign random
+_SLIDE = {
+    "up": (0, -1),
+    "down": (0, 1),
+    "sideways": (1, 0),
+}  # (dx, dy), image rows grow downwards; sideways: x sign random
 _SUPERSAMPLE = 4  # draw large, downsample: sub-pixel motion and anti-aliased edges
 
 
@@ -75,7 +80,7 @@ def write_video(
 
 def _background(s: int, rng: np.random.Generator) -> np.ndarray:
     angle = rng.uniform(0, 2 * np.pi)
-    yy, xx = np.mgrid[0:1 : s * 1j, 0:1 : s * 1j]
+    yy, xx = np.mgrid[0 : 1 : s * 1j, 0 : 1 : s * 1j]
     ramp = (np.cos(angle) * xx + np.sin(angle) * yy)[..., None]
     c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
     bg = c0 + (c1 - c0) * (ramp - ramp.min()) / (np.ptp(ramp) + 1e-9) + rng.normal(0, 10, (s, s, 3))
@@ -115,7 +120,9 @@ def glide(frames: int, rng: np.random.Generator) -> np.ndarray:
     return u * (2 - u)
 
 
-def _path(motion: str, frames: int, s: int, sign: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _path(
+    motion: str, frames: int, s: int, sign: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One shape's (dx, dy, degrees counter-clockwise) per frame, in canvas pixels, for ``motion``."""
     zero = np.zeros(frames)
     g = glide(frames, rng)
@@ -136,8 +143,9 @@ def _path(motion: str, frames: int, s: int, sign: int, rng: np.random.Generator)
     raise ValueError(f"unknown motion {motion!r}; use one of {', '.join(MOTIONS)}")
 
 
-def render_clip(motion: str, size: int, frames: int, rng: np.random.Generator, objects: int = 3
-                ) -> tuple[np.ndarray, np.ndarray]:
+def render_clip(
+    motion: str, size: int, frames: int, rng: np.random.Generator, objects: int = 3
+) -> tuple[np.ndarray, np.ndarray]:
     """(frames, size, size, 3) uint8 RGB and the shapes' (frames, size, size) coverage in [0, 1].
 
     ``objects`` shapes share the motion and its direction (sideways, spin and orbit pick theirs at random);
@@ -148,8 +156,16 @@ def render_clip(motion: str, size: int, frames: int, rng: np.random.Generator, o
     s = _SUPERSAMPLE * size
     bg = _background(s, rng)
     sign = int(rng.choice([-1, 1]))
-    shapes = [(_sprite(s, rng), rng.uniform(0, s), rng.uniform(0, s), rng.uniform(0, 360), _path(motion, frames, s, sign, rng))
-              for _ in range(objects)]
+    shapes = [
+        (
+            _sprite(s, rng),
+            rng.uniform(0, s),
+            rng.uniform(0, s),
+            rng.uniform(0, 360),
+            _path(motion, frames, s, sign, rng),
+        )
+        for _ in range(objects)
+    ]
     rgb, cover = [], []
     for t in range(frames):
         img, covered = bg, np.zeros((s, s))
@@ -161,12 +177,21 @@ def render_clip(motion: str, size: int, frames: int, rng: np.random.Generator, o
             img = img * (1 - alpha) + layer[..., :3] * alpha
             covered = np.maximum(covered, alpha[..., 0])
         rgb.append(np.asarray(Image.fromarray(img.astype(np.uint8)).resize((size, size), Image.BOX)))
-        cover.append(np.asarray(Image.fromarray((covered * 255).astype(np.uint8)).resize((size, size), Image.BOX)) / 255)
+        cover.append(
+            np.asarray(Image.fromarray((covered * 255).astype(np.uint8)).resize((size, size), Image.BOX)) / 255
+        )
     return np.stack(rgb), np.stack(cover)
 
 
-def make_video_demo(root: str | Path, n_per_class: int = 50, size: int = 16, frames: int = 12, fps: int = 8,
-                    seed: int = 0, classes=MOTIONS) -> Path:
+def make_video_demo(
+    root: str | Path,
+    n_per_class: int = 50,
+    size: int = 16,
+    frames: int = 12,
+    fps: int = 8,
+    seed: int = 0,
+    classes=MOTIONS,
+) -> Path:
     """Write ``root/<class>/<class>_NNNN.mp4``; returns root. Idempotent: existing complete sets are kept.
 
     H.264 in yuv444p (High 4:4:4): at 16 px, 4:2:0 chroma would blur the stripes that make motion visible
@@ -191,8 +216,16 @@ def make_video_demo(root: str | Path, n_per_class: int = 50, size: int = 16, fra
     return root
 
 
-def make_video_demo_splits(root: str | Path, n_unlabelled: int = 150, n_train: int = 20, n_test: int = 20,
-                           size: int = 16, frames: int = 12, fps: int = 8, seed: int = 0):
+def make_video_demo_splits(
+    root: str | Path,
+    n_unlabelled: int = 150,
+    n_train: int = 20,
+    n_test: int = 20,
+    size: int = 16,
+    frames: int = 12,
+    fps: int = 8,
+    seed: int = 0,
+):
     """The video demo's folders: unlabelled (to pre-train and cluster on) and a labelled target train/test."""
     root = Path(root)
     data = make_video_demo(root / "unlabelled", n_unlabelled, size, frames, fps, seed)

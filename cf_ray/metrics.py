@@ -3,6 +3,7 @@
 Ray prefixes the names with ``ray_`` and counters get ``_total``: e.g. ``ray_cf_ray_items_processed_total``.
 Each stage records with one call; outside Ray (plain unit tests, a stage run alone without Ray) calls do nothing.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,7 +19,8 @@ TRAIN_ITEMS_PER_S = "cf_ray_train_items_per_second"
 
 # (exported name, what it counts) for the report and docs
 EXPORTED = {
-    f"ray_{ITEMS_PROCESSED}_total": "inputs decoded and passed through a network, by stage (extract, pretrain, retrain)",
+    f"ray_{ITEMS_PROCESSED}_total": "inputs decoded and passed through a network, by stage (extract, pretrain, "
+    "retrain)",
     f"ray_{ITEMS_SKIPPED}_total": "inputs skipped (undecodable), by stage",
     f"ray_{KMEANS_ITERATIONS}_total": "k-means iterations done",
     f"ray_{KMEANS_OBJECTIVE}": "k-means objective (sum of squared distances) of the latest iteration",
@@ -65,10 +67,14 @@ def report_section() -> list[str]:
     from cf_ray.runtime import dashboard_url
 
     url = dashboard_url()
-    where = (f"Ray dashboard of this run: {url} (Jobs: the job log; Data: the named datasets `extract_<model>_<dataset>` "
-             "and `<pretrain|retrain>_train`; Metrics: the series below, with Prometheus/Grafana set up)." if url else
-             "This run started a local Ray without a dashboard; on a cluster (docs/cluster.md) the dashboard shows the job "
-             "log, the named datasets and these series live.")
+    where = (
+        f"Ray dashboard of this run: {url} (Jobs: the job log; Data: the named datasets `extract_<model>_<dataset>` "
+        "and `<pretrain|retrain>_train`; Metrics: the series below, with Prometheus/Grafana set up)."
+        if url
+        else "This run started a local Ray without a dashboard; on a cluster (docs/cluster.md) the dashboard "
+        "shows the job "
+        "log, the named datasets and these series live."
+    )
     lines = ["## Monitoring", "", where, "", "| metric (Prometheus name) | what |", "|---|---|"]
     lines += [f"| `{name}` | {what} |" for name, what in EXPORTED.items()]
     return lines + ["", "Every node exports them at its `--metrics-export-port` (`/metrics`).", ""]

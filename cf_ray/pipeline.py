@@ -3,6 +3,7 @@
 Each step is a stage of the run directory: done stages are skipped on a rerun, so a killed job resumes.
 All input checks happen before Ray starts.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -52,8 +53,15 @@ def transfer_stages(target: str) -> list[str]:
 
 
 def stage_order(cfg: JobConfig) -> list[str]:
-    return ["items", "pretrain", "extract_source", "cluster", "retrain",
-            *[s for t in cfg.transfer_targets() for s in transfer_stages(t)], "report"]
+    return [
+        "items",
+        "pretrain",
+        "extract_source",
+        "cluster",
+        "retrain",
+        *[s for t in cfg.transfer_targets() for s in transfer_stages(t)],
+        "report",
+    ]
 
 
 def finetuned(model: str, target: str) -> str:
@@ -71,11 +79,18 @@ def stage_outputs(paths: Paths, name: str) -> list[str]:
     if name == "retrain":
         return [paths.model("clusterfit"), storage.join(paths.train, "retrain")]
     if name.startswith("transfer_"):
-        t = name[len("transfer_"):]
-        return [p for m in MODELS for p in (paths.model(finetuned(m, t)), paths.features(finetuned(m, t), f"{t}_test"),
-                                            storage.join(paths.train, f"finetune_{m}_{t}"))]
+        t = name[len("transfer_") :]
+        return [
+            p
+            for m in MODELS
+            for p in (
+                paths.model(finetuned(m, t)),
+                paths.features(finetuned(m, t), f"{t}_test"),
+                storage.join(paths.train, f"finetune_{m}_{t}"),
+            )
+        ]
     if name.startswith("extract_"):
-        m, d = name[len("extract_"):].split("_", 1)
+        m, d = name[len("extract_") :].split("_", 1)
         return [paths.features(m, d)]
     return []
 
@@ -83,7 +98,7 @@ def stage_outputs(paths: Paths, name: str) -> list[str]:
 def redo_from(cfg: JobConfig, run: RunDir, paths: Paths, name: str) -> None:
     """Delete the outputs of stage ``name`` and of every later stage, and forget them in the manifest."""
     order = stage_order(cfg)
-    later = order[order.index(name):]
+    later = order[order.index(name) :]
     for n in later:
         for out in stage_outputs(paths, n):
             storage.delete_dir(out)
@@ -101,16 +116,23 @@ def check_inputs(cfg: JobConfig) -> dict[str, tuple[pa.Table, pa.Table]]:
     if not targets:
         raise SourceError("no target dataset given (pass --target <labelled folder>, or targets.<name>=<folder>)")
     if cfg.pretrain.source == "labels" and source["label"].null_count:
-        raise ConfigError(f"pretrain.source=labels needs a label for every source item, but {source['label'].null_count} "
-                          f"in {cfg.data} have none; put the images in one folder per class")
+        raise ConfigError(
+            f"pretrain.source=labels needs a label for every source item, but {source['label'].null_count} "
+            f"in {cfg.data} have none; put the images in one folder per class"
+        )
     if cfg.cluster.k > source.num_rows:
-        raise ConfigError(f"cluster.k={cfg.cluster.k} is larger than the {source.num_rows} {cfg.modality}s in {cfg.data}; "
-                          f"set cluster.k <= {source.num_rows}")
+        raise ConfigError(
+            f"cluster.k={cfg.cluster.k} is larger than the {source.num_rows} {cfg.modality}s in {cfg.data}; "
+            f"set cluster.k <= {source.num_rows}"
+        )
     log(f"inputs: {source.num_rows} source {cfg.modality}s ({skipped.num_rows} skipped)")
     inputs = {"source": (source, skipped)}
     for name, t in targets.items():
         train, test, skipped_t = load_target(t.path, cfg.probe.test_fraction, cfg.seed, exts)
-        log(f"inputs: target {name} ({t.path}): {train.num_rows} train / {test.num_rows} test ({skipped_t.num_rows} skipped)")
+        log(
+            f"inputs: target {name} ({t.path}): {train.num_rows} train / {test.num_rows} test "
+            f"({skipped_t.num_rows} skipped)"
+        )
         inputs[f"{name}_train"], inputs[f"{name}_test"] = (train, skipped_t), (test, skipped.schema.empty_table())
     return inputs
 
@@ -126,18 +148,40 @@ def check_cluster(cfg: JobConfig) -> None:
         return
     res = ray.cluster_resources()
     cpus, gpus = res.get("CPU", 0), res.get("GPU", 0)
-    asks = [("retrain", cfg.retrain.use_gpu, cfg.retrain.num_workers, cfg.retrain.cpus_per_worker, "num_workers", "cpus_per_worker"),
-            ("extract", cfg.extract.use_gpu, cfg.extract.num_actors, cfg.extract.cpus_per_actor, "num_actors", "cpus_per_actor")]
+    asks = [
+        (
+            "retrain",
+            cfg.retrain.use_gpu,
+            cfg.retrain.num_workers,
+            cfg.retrain.cpus_per_worker,
+            "num_workers",
+            "cpus_per_worker",
+        ),
+        (
+            "extract",
+            cfg.extract.use_gpu,
+            cfg.extract.num_actors,
+            cfg.extract.cpus_per_actor,
+            "num_actors",
+            "cpus_per_actor",
+        ),
+    ]
     if cfg.pretrain.source not in ("checkpoint", "torchvision"):
         t = cfg.pretrain.train
-        asks.insert(0, ("pretrain.train", t.use_gpu, t.num_workers, t.cpus_per_worker, "num_workers", "cpus_per_worker"))
+        asks.insert(
+            0, ("pretrain.train", t.use_gpu, t.num_workers, t.cpus_per_worker, "num_workers", "cpus_per_worker")
+        )
     for key, use_gpu, n, per, n_key, per_key in asks:
         if use_gpu == "yes" and n > gpus:
-            raise ConfigError(f"{key}.use_gpu=yes asks for {n} GPU(s) but this machine's Ray has {gpus:g}; "
-                              f"set {key}.use_gpu=auto (GPU where present) or no")
+            raise ConfigError(
+                f"{key}.use_gpu=yes asks for {n} GPU(s) but this machine's Ray has {gpus:g}; "
+                f"set {key}.use_gpu=auto (GPU where present) or no"
+            )
         if n * per > cpus:
-            raise ConfigError(f"{key} asks for {n} x {per:g} CPUs but this machine's Ray has {cpus:g}; "
-                              f"lower {key}.{n_key} or {key}.{per_key} (or raise ray.num_cpus)")
+            raise ConfigError(
+                f"{key} asks for {n} x {per:g} CPUs but this machine's Ray has {cpus:g}; "
+                f"lower {key}.{n_key} or {key}.{per_key} (or raise ray.num_cpus)"
+            )
 
 
 def stage_items(run: RunDir, paths: Paths, inputs: dict, names: tuple[str, ...] = ("source",)) -> dict:
@@ -166,8 +210,17 @@ def stage_pretrain(cfg: JobConfig, run: RunDir, paths: Paths) -> dict:
         save_backbone(model, model_cfg, paths.model("pretrained"))
         return {"source": "torchvision", "arch": model_cfg.arch}
     items, task, classes, extra = pretrain_targets(cfg, read_items(paths.items("source")))
-    res = train_classifier(cfg.pretrain.train, cfg.media, items, task, classes, paths.train, "pretrain",
-                           paths.model("pretrained"), threads=_threads(cfg))
+    res = train_classifier(
+        cfg.pretrain.train,
+        cfg.media,
+        items,
+        task,
+        classes,
+        paths.train,
+        "pretrain",
+        paths.model("pretrained"),
+        threads=_threads(cfg),
+    )
     run.record_errors(res["undecodable"], "decode", "source")
     return {"source": cfg.pretrain.source, "proxy": task, **extra, "history": res["history"], "items": res["rows"]}
 
@@ -177,8 +230,12 @@ def pretrain_targets(cfg: JobConfig, items: pa.Table) -> tuple[pa.Table, str, in
     from cf_ray.train.loop import PROXY_TASKS
 
     if cfg.pretrain.source != "labels":
-        return (items.append_column("target", pa.array(np.zeros(items.num_rows, np.int64))), cfg.pretrain.proxy,
-                PROXY_TASKS[cfg.pretrain.proxy], {})
+        return (
+            items.append_column("target", pa.array(np.zeros(items.num_rows, np.int64))),
+            cfg.pretrain.proxy,
+            PROXY_TASKS[cfg.pretrain.proxy],
+            {},
+        )
     classes = sorted(set(items["label"].to_pylist()))
     truth = np.array([classes.index(l) for l in items["label"].to_pylist()], np.int64)
     target = noisy_labels(truth, len(classes), cfg.pretrain.label_noise, cfg.seed)
@@ -228,8 +285,11 @@ def cluster_quality(items: pa.Table, assignments: pa.Table) -> dict:
     pred = assignments["cluster"].to_numpy()
     c = int(truth.max()) + 1
     table = np.bincount(pred * c + truth, minlength=(int(pred.max()) + 1) * c).reshape(-1, c)  # cluster x class counts
-    return {"nmi": float(normalized_mutual_info_score(truth, pred)), "ari": float(adjusted_rand_score(truth, pred)),
-            "purity": float(table.max(1).sum() / len(pred))}
+    return {
+        "nmi": float(normalized_mutual_info_score(truth, pred)),
+        "ari": float(adjusted_rand_score(truth, pred)),
+        "purity": float(table.max(1).sum() / len(pred)),
+    }
 
 
 def stage_retrain(cfg: JobConfig, run: RunDir, paths: Paths) -> dict:
@@ -239,8 +299,17 @@ def stage_retrain(cfg: JobConfig, run: RunDir, paths: Paths) -> dict:
     items = read_items(paths.items("source")).join(a.select(["id", "cluster"]), "id", join_type="inner")
     items = items.sort_by("id").rename_columns([c if c != "cluster" else "target" for c in items.column_names])
     counts = np.bincount(items["target"].to_numpy(), minlength=cfg.cluster.k)
-    res = train_classifier(cfg.retrain, cfg.media, items, "labels", cfg.cluster.k, paths.train, "retrain",
-                           paths.model("clusterfit"), threads=_threads(cfg))
+    res = train_classifier(
+        cfg.retrain,
+        cfg.media,
+        items,
+        "labels",
+        cfg.cluster.k,
+        paths.train,
+        "retrain",
+        paths.model("clusterfit"),
+        threads=_threads(cfg),
+    )
     return {"history": res["history"], "items": res["rows"], "classes": int((counts > 0).sum()), "best": res["best"]}
 
 
@@ -256,11 +325,23 @@ def stage_transfer(cfg: JobConfig, paths: Paths, name: str, target: TargetConfig
         out[m] = run_probe(probe, paths.features(m, train), paths.features(m, test))
         if cfg.probe.finetune:
             out[m]["finetuned"] = run_finetune(
-                cfg.probe.finetune_train, cfg.extract, cfg.media, paths.items(train), paths.items(test),
-                paths.model(m), paths.model(finetuned(m, name)), paths.features(finetuned(m, name), test),
-                paths.train, f"finetune_{m}_{name}", threads=_threads(cfg))
-        log(f"transfer to {name}, {m}: " + ", ".join(f"{l} {100 * v['score']:.1f}" for l, v in out[m].items())
-            + (" (mAP)" if probe.multi_label else " (top-1 %)"))
+                cfg.probe.finetune_train,
+                cfg.extract,
+                cfg.media,
+                paths.items(train),
+                paths.items(test),
+                paths.model(m),
+                paths.model(finetuned(m, name)),
+                paths.features(finetuned(m, name), test),
+                paths.train,
+                f"finetune_{m}_{name}",
+                threads=_threads(cfg),
+            )
+        log(
+            f"transfer to {name}, {m}: "
+            + ", ".join(f"{l} {100 * v['score']:.1f}" for l, v in out[m].items())
+            + (" (mAP)" if probe.multi_label else " (top-1 %)")
+        )
     return {"target": target.path, "transfer": out}
 
 
@@ -289,7 +370,9 @@ def run_job(cfg: JobConfig) -> dict:
         run = RunDir(cfg.run_dir)
         storage.write_bytes(run.path("config.yaml"), dump_config(cfg).encode())
     except OSError as e:
-        raise ConfigError(f"run_dir {cfg.run_dir} is not writable ({e}); pass --run-dir <a writable path or URI>") from None
+        raise ConfigError(
+            f"run_dir {cfg.run_dir} is not writable ({e}); pass --run-dir <a writable path or URI>"
+        ) from None
     paths = Paths(run)
     init_ray(cfg.ray.num_cpus, cfg.ray.object_store_mb)
     check_cluster(cfg)
@@ -302,4 +385,3 @@ def run_job(cfg: JobConfig) -> dict:
     run.stage("report", lambda: run_report(run.root, report_title(cfg)), force=True)
     log(f"report: {run.path('report.md')}")
     return {"run_dir": run.root, "report": run.path("report.md"), "transfer": transfer}
-

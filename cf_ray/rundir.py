@@ -3,6 +3,7 @@
 A stage counts as done only when its manifest entry says so, and that is written after every output
 of the stage is complete; a rerun skips done stages and redoes the rest.
 """
+
 from __future__ import annotations
 
 import io
@@ -92,7 +93,9 @@ class RunDir:
         table = table.append_column("dataset", pa.array([dataset] * table.num_rows, pa.string()))
         old = self.errors()
         if "dataset" in old.column_names and old.num_rows:
-            mask = [not (s == stage and d == dataset) for s, d in zip(old["stage"].to_pylist(), old["dataset"].to_pylist())]
+            mask = [
+                not (s == stage and d == dataset) for s, d in zip(old["stage"].to_pylist(), old["dataset"].to_pylist())
+            ]
             old = old.filter(pa.array(mask))
         else:
             old = table.schema.empty_table()

@@ -1,10 +1,10 @@
 """Starting or joining Ray, and choosing devices the cluster really has."""
+
 from __future__ import annotations
 
 import os
 
 import ray
-
 
 _dashboard: str | None = None  # the cluster's dashboard, when this process joined one
 

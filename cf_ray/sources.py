@@ -3,6 +3,7 @@
 Every source becomes one Arrow table of (id, path, label); files that are skipped before decoding
 (unsupported extension) come back in a second table of (id, path, error) so nothing is dropped silently.
 """
+
 from __future__ import annotations
 
 import os
@@ -66,7 +67,12 @@ def _from_folder(fs: pafs.FileSystem, root: str, source: str, exts: tuple[str, .
         schema=ITEMS_SCHEMA,
     )
     skipped = pa.table(
-        {"id": [s[0] for s in skip], "path": [s[1] for s in skip], "stage": ["list"] * len(skip), "error": [s[2] for s in skip]},
+        {
+            "id": [s[0] for s in skip],
+            "path": [s[1] for s in skip],
+            "stage": ["list"] * len(skip),
+            "error": [s[2] for s in skip],
+        },
         schema=ERRORS_SCHEMA,
     )
     return items, skipped
@@ -77,7 +83,7 @@ def _walk_fs(fs: pafs.FileSystem, root: str, source: str) -> list[tuple[str, str
     out = []
     for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
         if i.type == pafs.FileType.File:
-            rel = i.path[len(root):].lstrip("/")
+            rel = i.path[len(root) :].lstrip("/")
             out.append((rel, source.rstrip("/") + "/" + rel, ""))
     return out
 
@@ -94,8 +100,14 @@ def _walk_local(root: str) -> list[tuple[str, str, str]]:
         if (st.st_dev, st.st_ino) in seen:  # reached again through a link: a loop or a second path
             dirs.clear()
             rel = os.path.relpath(top, root).replace(os.sep, "/")
-            out.append((_printable(rel), _printable(top), "folder reached again through a link (a loop or a second path "
-                        "to it); listed once, not followed here"))
+            out.append(
+                (
+                    _printable(rel),
+                    _printable(top),
+                    "folder reached again through a link (a loop or a second path "
+                    "to it); listed once, not followed here",
+                )
+            )
             continue
         seen.add((st.st_dev, st.st_ino))
         dirs.sort()  # a folder reachable twice is listed under the same name on every run
@@ -103,7 +115,9 @@ def _walk_local(root: str) -> list[tuple[str, str, str]]:
             full = os.path.join(top, name)
             rel = os.path.relpath(full, root).replace(os.sep, "/")
             if _printable(full) != full:
-                out.append((_printable(rel), _printable(full), "file name is not valid UTF-8; rename the file to read it"))
+                out.append(
+                    (_printable(rel), _printable(full), "file name is not valid UTF-8; rename the file to read it")
+                )
             elif not os.path.exists(full):  # stat follows links: a dangling link or a link loop
                 out.append((rel, full, "broken symbolic link or symlink loop"))
             elif os.path.isfile(full):
@@ -131,7 +145,8 @@ def _from_manifest(source: str):
         raise SourceError(f"manifest {source} needs a 'path' column (has: {', '.join(t.column_names)})")
     base = posixpath.dirname(source) if storage.is_uri(source) else posixpath.dirname(p)
     paths = [
-        x if (storage.is_uri(x) or x.startswith("/")) else storage.join(base, x) for x in t["path"].cast(pa.string()).to_pylist()
+        x if (storage.is_uri(x) or x.startswith("/")) else storage.join(base, x)
+        for x in t["path"].cast(pa.string()).to_pylist()
     ]
     ids = t["id"].cast(pa.string()).to_pylist() if "id" in t.column_names else t["path"].cast(pa.string()).to_pylist()
     labels = t["label"].cast(pa.string()).to_pylist() if "label" in t.column_names else [None] * len(paths)
@@ -167,7 +182,9 @@ def load_target(target: str, test_fraction: float, seed: int, exts=IMAGE_EXTS) -
         train, test = split_items(items, test_fraction, seed)
     for name, t in (("train", train), ("test", test)):
         if t["label"].null_count == t.num_rows:
-            raise SourceError(f"target {target} ({name}) has no labels: put files in one folder per class, or give a label column")
+            raise SourceError(
+                f"target {target} ({name}) has no labels: put files in one folder per class, or give a label column"
+            )
         if t.num_rows == 0:
             raise SourceError(f"target {target} has an empty {name} split")
     return train, test, skipped

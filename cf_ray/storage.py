@@ -1,4 +1,5 @@
 """Paths and URIs (local, s3://, gs://...) through pyarrow.fs, so every stage reads and writes both."""
+
 from __future__ import annotations
 
 import functools
@@ -35,7 +36,7 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
             return _bucket_filesystem(f"{u.scheme}://{u.netloc}", env), (u.netloc + u.path).rstrip("/")
         return pafs.FileSystem.from_uri(path)
     if path.startswith("file://"):
-        path = path[len("file://"):]
+        path = path[len("file://") :]
     return pafs.LocalFileSystem(), str(Path(path).expanduser().absolute())
 
 

@@ -6,6 +6,7 @@ target features -> linear probes. The controls (longer pre-training, distillatio
 training epochs on the same source items. Every setting is one stage of the sweep's run directory and
 runs in its own sub folder with its own stages, so a killed sweep resumes where it stopped.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -22,8 +23,17 @@ from pydantic import Field, PositiveInt, model_validator
 from cf_ray import storage
 from cf_ray.config import ConfigError, JobConfig, ModelConfig, _Strict, dump_config, load_config
 from cf_ray.kmeans.core import l2_normalize
-from cf_ray.pipeline import (Paths, _threads, check_inputs, cluster_quality, pretrain_targets, stage_extract, stage_items,
-                             stage_pretrain, stage_retrain)
+from cf_ray.pipeline import (
+    Paths,
+    _threads,
+    check_inputs,
+    cluster_quality,
+    pretrain_targets,
+    stage_extract,
+    stage_items,
+    stage_pretrain,
+    stage_retrain,
+)
 from cf_ray.rundir import RunDir, log
 from cf_ray.sources import IMAGE_EXTS, load_target
 from cf_ray.stages.cluster import read_assignments, run_cluster
@@ -38,9 +48,12 @@ class GridConfig(_Strict):
 
     k: list[PositiveInt] = Field([100], min_length=1, description="Numbers of clusters.")
     layer: list[str] = Field(
-        ["res5"], min_length=1, description="Features clustered: a tap (res4), taps joined by + (res4+res5: each "
+        ["res5"],
+        min_length=1,
+        description="Features clustered: a tap (res4), taps joined by + (res4+res5: each "
         "L2-normalised, concatenated), or fuse:<tap> (this tap of the pre-trained network and of fuse_run's, each "
-        "L2-normalised, concatenated: the paper's multi-task variant).")
+        "L2-normalised, concatenated: the paper's multi-task variant).",
+    )
     epochs: list[PositiveInt] = Field([10], min_length=1, description="Retraining epochs.")
     model: list[ModelConfig] = Field([], description="Retrained backbones; default: job.retrain.model.")
 
@@ -48,11 +61,19 @@ class GridConfig(_Strict):
 class ControlsConfig(_Strict):
     """The paper's controls, trained on the same source items for the same number of epochs as ClusterFit."""
 
-    longer_pretrain: bool = Field(True, description="Continue the pre-training task from its last state (a new warm-up + cosine schedule).")
-    distill: bool = Field(True, description="Train a fresh network on the pre-trained network's soft outputs (its proxy or label head).")
-    epochs: int | None = Field(None, gt=0, description="Training epochs of each control; default: the same compute as the largest "
-                               "grid.epochs, i.e. as many images through the network, rounded up: for RotNet (4 rotations "
-                               "per image) ceil(epochs / 4).")
+    longer_pretrain: bool = Field(
+        True, description="Continue the pre-training task from its last state (a new warm-up + cosine schedule)."
+    )
+    distill: bool = Field(
+        True, description="Train a fresh network on the pre-trained network's soft outputs (its proxy or label head)."
+    )
+    epochs: int | None = Field(
+        None,
+        gt=0,
+        description="Training epochs of each control; default: the same compute as the largest "
+        "grid.epochs, i.e. as many images through the network, rounded up: for RotNet (4 rotations "
+        "per image) ceil(epochs / 4).",
+    )
     temperature: float = Field(1.0, gt=0, description="Distillation: softmax temperature of the teacher's logits.")
 
 
@@ -60,18 +81,35 @@ class SweepConfig(_Strict):
     """A ClusterFit sweep over one pre-trained network."""
 
     run_dir: str = Field("runs/sweep", description="Path or URI of the sweep's run directory.")
-    job: JobConfig = Field(default_factory=JobConfig, description="The job: data, pretrain, extract, cluster (niter, seed), retrain, probe, ray.")
-    base_run: str | None = Field(None, description="A job run directory whose items, pretrain and extract_source stages are done: "
-                                 "reused (its config.yaml's data, image and pretrain apply); none: run them here once.")
-    source_limit: int | None = Field(None, gt=0, description="Cluster and retrain on a seeded subset of this many source items; none: all.")
-    target_train_limit: int | None = Field(None, gt=0, description="Train the probes on a seeded subset of this many target "
-                                           "train items (the test split is always whole); none: all.")
-    targets: dict[str, str] = Field({}, description="Transfer targets, name -> labelled folder (train/ + test/, or one folder split "
-                                    "by probe.test_fraction); default: {target: job.target}.")
+    job: JobConfig = Field(
+        default_factory=JobConfig,
+        description="The job: data, pretrain, extract, cluster (niter, seed), retrain, probe, ray.",
+    )
+    base_run: str | None = Field(
+        None,
+        description="A job run directory whose items, pretrain and extract_source stages are done: "
+        "reused (its config.yaml's data, image and pretrain apply); none: run them here once.",
+    )
+    source_limit: int | None = Field(
+        None, gt=0, description="Cluster and retrain on a seeded subset of this many source items; none: all."
+    )
+    target_train_limit: int | None = Field(
+        None,
+        gt=0,
+        description="Train the probes on a seeded subset of this many target "
+        "train items (the test split is always whole); none: all.",
+    )
+    targets: dict[str, str] = Field(
+        {},
+        description="Transfer targets, name -> labelled folder (train/ + test/, or one folder split "
+        "by probe.test_fraction); default: {target: job.target}.",
+    )
     grid: GridConfig = Field(default_factory=GridConfig)
     controls: ControlsConfig = Field(default_factory=ControlsConfig)
-    fuse_run: str | None = Field(None, description="Another job run directory on the same source items (extract_source done), "
-                                 "for fuse:<tap> layers.")
+    fuse_run: str | None = Field(
+        None,
+        description="Another job run directory on the same source items (extract_source done), for fuse:<tap> layers.",
+    )
 
     @model_validator(mode="after")
     def _fuse_needs_run(self) -> "SweepConfig":
@@ -86,8 +124,10 @@ def setting_name(k: int, layer: str, epochs: int, model: ModelConfig) -> str:
 
 def settings(cfg: SweepConfig) -> list[dict]:
     models = cfg.grid.model or [cfg.job.retrain.model]
-    return [{"name": setting_name(k, l, e, m), "k": k, "layer": l, "epochs": e, "model": m}
-            for k, l, e, m in itertools.product(cfg.grid.k, cfg.grid.layer, cfg.grid.epochs, models)]
+    return [
+        {"name": setting_name(k, l, e, m), "k": k, "layer": l, "epochs": e, "model": m}
+        for k, l, e, m in itertools.product(cfg.grid.k, cfg.grid.layer, cfg.grid.epochs, models)
+    ]
 
 
 class SubPaths(Paths):
@@ -111,16 +151,22 @@ class Sweep:
             self.run = RunDir(cfg.run_dir)
             storage.write_bytes(self.run.path("sweep.yaml"), dump_config(cfg).encode())
         except OSError as e:
-            raise ConfigError(f"run_dir {cfg.run_dir} is not writable ({e}); pass --run-dir <a writable path>") from None
+            raise ConfigError(
+                f"run_dir {cfg.run_dir} is not writable ({e}); pass --run-dir <a writable path>"
+            ) from None
         self.paths = Paths(self.run)
         if cfg.base_run:
             self.base = RunDir(cfg.base_run)
             missing = [s for s in ("items", "pretrain", "extract_source") if not self.base.is_done(s)]
             if missing:
-                raise ConfigError(f"base_run {cfg.base_run} has not finished {missing}; run the job there first or drop base_run")
+                raise ConfigError(
+                    f"base_run {cfg.base_run} has not finished {missing}; run the job there first or drop base_run"
+                )
             self.base_cfg = load_config(JobConfig, self.base.path("config.yaml"))
             if self.base_cfg.media != cfg.job.media:
-                raise ConfigError(f"job.{cfg.job.modality} differs from base_run's; the sweep must decode as the base did")
+                raise ConfigError(
+                    f"job.{cfg.job.modality} differs from base_run's; the sweep must decode as the base did"
+                )
         else:
             self.base, self.base_cfg = self.run, cfg.job
         self.base_paths = Paths(self.base)
@@ -175,7 +221,7 @@ class Sweep:
         parts = []
         for spec in layer.split("+"):
             if spec.startswith(FUSE):
-                uri, tap = Paths(RunDir(self.cfg.fuse_run)).features("pretrained", "source"), spec[len(FUSE):]
+                uri, tap = Paths(RunDir(self.cfg.fuse_run)).features("pretrained", "source"), spec[len(FUSE) :]
                 parts += [(self.base_paths.features("pretrained", "source"), tap), (uri, tap)]
             else:
                 parts.append((self.base_paths.features("pretrained", "source"), spec))
@@ -191,10 +237,18 @@ class Sweep:
         out = self.cluster_input(layer)
         storage.makedirs(out)
         fs, p = storage.resolve(storage.join(out, "part-00000.parquet"))
-        pq.write_table(pa.table({
-            "id": pa.array(ids, pa.string()), "label": pa.array([tables[0][i][1] for i in ids], pa.string()),
-            "error": pa.array([""] * len(ids), pa.string()),
-            "feat_input": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])}), p, filesystem=fs)
+        pq.write_table(
+            pa.table(
+                {
+                    "id": pa.array(ids, pa.string()),
+                    "label": pa.array([tables[0][i][1] for i in ids], pa.string()),
+                    "error": pa.array([""] * len(ids), pa.string()),
+                    "feat_input": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1]),
+                }
+            ),
+            p,
+            filesystem=fs,
+        )
         storage.write_json(storage.join(out, SUCCESS), {"rows": len(ids), "dim": int(x.shape[1])})
         return {"rows": len(ids), "dim": int(x.shape[1]), "parts": [t for _, t in parts]}
 
@@ -209,10 +263,18 @@ class Sweep:
         out = {}
         for t in self.targets:
             for split in ("train", "test"):
-                run.stage(f"{stage_prefix}extract_{t}_{split}",
-                          lambda t=t, split=split: stage_extract(self.cfg.job, run, paths, model, f"{t}_{split}"))
-            out[t] = run.stage(f"{stage_prefix}probe_{t}", lambda t=t: {"transfer": run_probe(
-                self.cfg.job.probe, paths.features(model, f"{t}_train"), paths.features(model, f"{t}_test"))})["transfer"]
+                run.stage(
+                    f"{stage_prefix}extract_{t}_{split}",
+                    lambda t=t, split=split: stage_extract(self.cfg.job, run, paths, model, f"{t}_{split}"),
+                )
+            out[t] = run.stage(
+                f"{stage_prefix}probe_{t}",
+                lambda t=t: {
+                    "transfer": run_probe(
+                        self.cfg.job.probe, paths.features(model, f"{t}_train"), paths.features(model, f"{t}_test")
+                    )
+                },
+            )["transfer"]
             log(f"transfer {model} -> {t}: " + ", ".join(f"{l} {100 * v['top1']:.1f}%" for l, v in out[t].items()))
         return out
 
@@ -226,15 +288,23 @@ class Sweep:
         items = read_items(paths.items("source"))
 
         def cluster() -> dict:
-            res = run_cluster(job.cluster.model_copy(update={"layer": "input"}), self.cluster_input(s["layer"]), paths.cluster)
+            res = run_cluster(
+                job.cluster.model_copy(update={"layer": "input"}), self.cluster_input(s["layer"]), paths.cluster
+            )
             return {**res, **cluster_quality(items, read_assignments(paths.cluster))}
 
         clusters = sub.stage("cluster", cluster)
         retrain = sub.stage("retrain", lambda: stage_retrain(job, sub, paths))
         transfer = self.evaluate(sub, paths, "clusterfit")
-        return {"kind": "clusterfit", **{k: v for k, v in s.items() if k != "model"}, "model": s["model"].model_dump(),
-                "cluster": clusters, "train_acc": retrain["history"][-1]["acc"],
-                "train_seconds": sum(h["seconds"] for h in retrain["history"]), "transfer": transfer}
+        return {
+            "kind": "clusterfit",
+            **{k: v for k, v in s.items() if k != "model"},
+            "model": s["model"].model_dump(),
+            "cluster": clusters,
+            "train_acc": retrain["history"][-1]["acc"],
+            "train_seconds": sum(h["seconds"] for h in retrain["history"]),
+            "transfer": transfer,
+        }
 
     def control_epochs(self) -> list[int]:
         """One control budget per retraining budget in the grid, each the same compute: as many images through the
@@ -262,22 +332,50 @@ class Sweep:
 
         def train() -> dict:
             if name == "longer_pretrain":
-                res = train_classifier(train_cfg, base.media, items, task, classes, paths.train, name,
-                                       paths.model("clusterfit"), threads=_threads(self.cfg.job), init_from=state)
+                res = train_classifier(
+                    train_cfg,
+                    base.media,
+                    items,
+                    task,
+                    classes,
+                    paths.train,
+                    name,
+                    paths.model("clusterfit"),
+                    threads=_threads(self.cfg.job),
+                    init_from=state,
+                )
             else:
                 if base.modality != "image":
                     raise ConfigError("the distillation control supports images only")
                 teacher = load_teacher(state, base.pretrain.train.model, classes)
-                soft = soft_targets(teacher, items.drop_columns(["target"]), base.media, task, self.cfg.controls.temperature)
-                res = train_classifier(train_cfg, base.media, soft, task, classes, paths.train, name,
-                                       paths.model("clusterfit"), threads=_threads(self.cfg.job))
+                soft = soft_targets(
+                    teacher, items.drop_columns(["target"]), base.media, task, self.cfg.controls.temperature
+                )
+                res = train_classifier(
+                    train_cfg,
+                    base.media,
+                    soft,
+                    task,
+                    classes,
+                    paths.train,
+                    name,
+                    paths.model("clusterfit"),
+                    threads=_threads(self.cfg.job),
+                )
             return {"history": res["history"], "items": res["rows"], "from_state": state}
 
         trained = sub.stage("train", train)
         transfer = self.evaluate(sub, paths, "clusterfit")
-        return {"kind": name, "name": name, "epochs": epochs, "task": task, "model": train_cfg.model.model_dump(),
-                "train_acc": trained["history"][-1]["acc"], "train_seconds": sum(h["seconds"] for h in trained["history"]),
-                "transfer": transfer}
+        return {
+            "kind": name,
+            "name": name,
+            "epochs": epochs,
+            "task": task,
+            "model": train_cfg.model.model_dump(),
+            "train_acc": trained["history"][-1]["acc"],
+            "train_seconds": sum(h["seconds"] for h in trained["history"]),
+            "transfer": transfer,
+        }
 
 
 def seeded_subset(items: pa.Table, n: int | None, seed: int) -> pa.Table:
@@ -291,15 +389,20 @@ CONTROLS = ("longer_pretrain", "distill")
 
 def controls(sweep: Sweep) -> list[tuple[str, str, int]]:
     """(stage, control, epochs) of every control the sweep's config asks for."""
-    return [(f"control_{c}_e{e}", c, e) for e in sweep.control_epochs() for c in CONTROLS if getattr(sweep.cfg.controls, c)]
+    return [
+        (f"control_{c}_e{e}", c, e) for e in sweep.control_epochs() for c in CONTROLS if getattr(sweep.cfg.controls, c)
+    ]
 
 
 def row_names(sweep: Sweep) -> list[str]:
     """The manifest stages that hold table rows, in table order: this config's settings and controls, then any
     other ones done earlier in the same run directory (a sweep directory accumulates)."""
     rows = [f"setting_{s['name']}" for s in settings(sweep.cfg)] + [stage for stage, _, _ in controls(sweep)]
-    done = [n for n, st in sweep.run.manifest()["stages"].items()
-            if n.startswith(("setting_", "control_")) and st.get("status") == "done" and n not in rows]
+    done = [
+        n
+        for n, st in sweep.run.manifest()["stages"].items()
+        if n.startswith(("setting_", "control_")) and st.get("status") == "done" and n not in rows
+    ]
     return rows + done
 
 

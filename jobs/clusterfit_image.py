@@ -3,6 +3,7 @@
 Under `ray job submit --working-dir . -- python jobs/clusterfit_image.py ...` it joins that cluster;
 otherwise it starts a local Ray. `--demo` generates the embedded demo dataset and runs on it.
 """
+
 import os
 import sys
 

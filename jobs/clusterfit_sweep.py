@@ -5,6 +5,7 @@ clustered, retraining epochs, retrained model) and the paper's controls; writes 
 target into <run_dir>/report.md. Rerunning the same command resumes; --report-only rewrites the report
 from what has finished. --demo runs configs/sweep_demo.yaml on the generated image demo set.
 """
+
 import argparse
 import os
 import sys
@@ -21,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="clusterfit_sweep.py", description=__doc__.split("\n")[0])
     p.add_argument("--config", help="sweep YAML (see configs/sweep_*.yaml)")
     p.add_argument("--run-dir", help="where the sweep's outputs go")
-    p.add_argument("--demo", action="store_true", help="generate the image demo set and sweep it with configs/sweep_demo.yaml")
+    p.add_argument(
+        "--demo", action="store_true", help="generate the image demo set and sweep it with configs/sweep_demo.yaml"
+    )
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from the finished settings")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. grid.k=[50,200] job.retrain.epochs=4")
     args = p.parse_args(argv)

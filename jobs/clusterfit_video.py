@@ -6,6 +6,7 @@
 
 Under `ray job submit` it joins that cluster (ray.init() without arguments); otherwise it starts a local Ray.
 """
+
 import os
 import sys
 

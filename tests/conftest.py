@@ -1,4 +1,5 @@
 """One real local Ray per test session (small object store), started only by tests that need it."""
+
 import os
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -14,8 +15,9 @@ def ray_session():
 
     started = False
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=False,
-                 log_to_driver=False)
+        ray.init(
+            address="local", num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=False, log_to_driver=False
+        )
         started = True
     yield ray
     if started:

@@ -1,4 +1,5 @@
 """Small real image and media files for tests."""
+
 from __future__ import annotations
 
 from pathlib import Path

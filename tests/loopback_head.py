@@ -1,5 +1,6 @@
 """A real Ray head node on loopback for job-submission tests, started with `ray start --head` and stopped by
 killing exactly its processes (never `ray stop`, which would kill every Ray on the machine)."""
+
 from __future__ import annotations
 
 import os
@@ -46,15 +47,18 @@ class LoopbackHead:
         self.token = secrets.token_hex(32) if auth_mode == "token" else ""
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
         env.update(
-            RAY_AUTH_MODE=auth_mode, RAY_AUTH_TOKEN=self.token, RAY_DATA_DISABLE_PROGRESS_BARS="1",
-            RAY_TRAIN_V2_ENABLED="1", PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",  # `python` = this venv
+            RAY_AUTH_MODE=auth_mode,
+            RAY_AUTH_TOKEN=self.token,
+            RAY_DATA_DISABLE_PROGRESS_BARS="1",
+            RAY_TRAIN_V2_ENABLED="1",
+            PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",  # `python` = this venv
             **(extra_env or {}),
         )
         if not self.token:
             env.pop("RAY_AUTH_TOKEN")
         self.env = env
         # Ray gives a raylet a fixed 30 s to register; on a machine busy with other work that can pass: start again.
-        for attempt in range(attempts):
+        for _attempt in range(attempts):
             out = self._start(num_cpus)
             if self.starter.returncode == 0:
                 return
@@ -66,13 +70,27 @@ class LoopbackHead:
         gcs, self.dashboard_port, agent, agent_grpc, self.metrics_port, runtime_env, client = free_ports(7)
         self.temp_dir = tempfile.mkdtemp(prefix="cfhead", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
-        cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-               f"--dashboard-port={self.dashboard_port}", f"--dashboard-agent-listen-port={agent}",
-               f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={self.metrics_port}",
-               f"--runtime-env-agent-port={runtime_env}", f"--ray-client-server-port={client}", f"--num-cpus={num_cpus}",
-               "--object-store-memory=300000000", f"--temp-dir={self.temp_dir}", "--disable-usage-stats"]
-        self.starter = subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        start_new_session=True)
+        cmd = [
+            RAY,
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={self.metrics_port}",
+            f"--runtime-env-agent-port={runtime_env}",
+            f"--ray-client-server-port={client}",
+            f"--num-cpus={num_cpus}",
+            "--object-store-memory=300000000",
+            f"--temp-dir={self.temp_dir}",
+            "--disable-usage-stats",
+        ]
+        self.starter = subprocess.Popen(
+            cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
         return self.starter.communicate(timeout=180)[0]
 
     def cli(self, *args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -80,16 +98,32 @@ class LoopbackHead:
         e = dict(self.env, RAY_ADDRESS=self.address, **(env or {}))
         return subprocess.run([RAY, *args], env=e, capture_output=True, text=True, timeout=timeout)
 
-    def submit(self, entrypoint: list[str], working_dir: str, submission_id: str, timeout: float = 120,
-               extra: tuple[str, ...] = ()) -> None:
+    def submit(
+        self,
+        entrypoint: list[str],
+        working_dir: str,
+        submission_id: str,
+        timeout: float = 120,
+        extra: tuple[str, ...] = (),
+    ) -> None:
         """`ray job submit --no-wait`, retried while the job agent is still starting."""
         deadline = time.time() + timeout
         while True:
-            r = self.cli("job", "submit", "--no-wait", f"--submission-id={submission_id}", f"--working-dir={working_dir}",
-                         *extra, "--", *entrypoint)
+            r = self.cli(
+                "job",
+                "submit",
+                "--no-wait",
+                f"--submission-id={submission_id}",
+                f"--working-dir={working_dir}",
+                *extra,
+                "--",
+                *entrypoint,
+            )
             if r.returncode == 0:
                 return
-            if time.time() > deadline or not re.search(r"No available agent|Connection refused|503|not ready", r.stdout + r.stderr):
+            if time.time() > deadline or not re.search(
+                r"No available agent|Connection refused|503|not ready", r.stdout + r.stderr
+            ):
                 raise RuntimeError(f"ray job submit failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
             time.sleep(2)
 

@@ -1,4 +1,5 @@
 """A real S3-compatible server on loopback (moto's standalone server) with one bucket, for remote-storage tests."""
+
 from __future__ import annotations
 
 import logging
@@ -22,12 +23,26 @@ class LoopbackS3:
         # bucket per server keeps one test module's objects out of another's listings.
         self.bucket = bucket or f"cf-ray-test-{uuid.uuid4().hex[:12]}"
         # What a node would get from its instance profile / environment; passed to every process that reads or writes.
-        self.env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "cf-ray-test",
-                    "AWS_SECRET_ACCESS_KEY": "cf-ray-test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-        boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL"], region_name="us-east-1", aws_access_key_id="cf-ray-test",
-                     aws_secret_access_key="cf-ray-test").create_bucket(Bucket=self.bucket)
-        self.fs = pafs.S3FileSystem(endpoint_override=self.env["AWS_ENDPOINT_URL"], access_key="cf-ray-test",
-                                    secret_key="cf-ray-test", region="us-east-1")
+        self.env = {
+            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+            "AWS_ACCESS_KEY_ID": "cf-ray-test",
+            "AWS_SECRET_ACCESS_KEY": "cf-ray-test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+        boto3.client(
+            "s3",
+            endpoint_url=self.env["AWS_ENDPOINT_URL"],
+            region_name="us-east-1",
+            aws_access_key_id="cf-ray-test",
+            aws_secret_access_key="cf-ray-test",
+        ).create_bucket(Bucket=self.bucket)
+        self.fs = pafs.S3FileSystem(
+            endpoint_override=self.env["AWS_ENDPOINT_URL"],
+            access_key="cf-ray-test",
+            secret_key="cf-ray-test",
+            region="us-east-1",
+        )
 
     def uri(self, *parts: str) -> str:
         return "s3://" + "/".join([self.bucket, *parts])
@@ -37,7 +52,9 @@ class LoopbackS3:
 
     def upload(self, local: Path, *parts: str) -> str:
         """Copy a local folder into the bucket; returns its s3:// URI."""
-        pafs.copy_files(str(local), self.key(*parts), source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+        pafs.copy_files(
+            str(local), self.key(*parts), source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs
+        )
         return self.uri(*parts)
 
     def read(self, *parts: str) -> bytes:
@@ -47,7 +64,7 @@ class LoopbackS3:
     def listing(self, *parts: str) -> list[str]:
         base = self.key(*parts)
         infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True))
-        return sorted(i.path[len(base) + 1:] for i in infos if i.type == pafs.FileType.File)
+        return sorted(i.path[len(base) + 1 :] for i in infos if i.type == pafs.FileType.File)
 
     def stop(self) -> None:
         self.server.stop()

@@ -3,6 +3,7 @@
 Every input ends up either as a row with features or as a recorded skip with its reason; never a crash,
 never a silent drop. Decoder details (colour handling, rotation) are in test_image_decode/test_video_decode.
 """
+
 from __future__ import annotations
 
 import io
@@ -14,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from helpers import write_audio_only, write_image
 from PIL import Image
 
 from cf_ray.config import ExtractConfig, ImageConfig, ModelConfig, VideoConfig
@@ -21,7 +23,6 @@ from cf_ray.demo_video import write_video
 from cf_ray.models.checkpoint import build, save_backbone
 from cf_ray.sources import SourceError, list_items
 from cf_ray.stages.extract import run_extract, write_items
-from helpers import write_audio_only, write_image
 
 NON_UTF8 = b"caf\xe9.jpg"  # Latin-1 bytes: a legal Linux file name that is not UTF-8
 
@@ -94,18 +95,40 @@ def test_image_corpus_every_file_has_features_or_a_reason(ray_session, image_cor
     write_items(items, str(root / "items.parquet"))
     cfg = ModelConfig(arch="resnet_tiny", width=8)
     save_backbone(build(cfg, seed=0), cfg, str(root / "model"))
-    run_extract(ExtractConfig(layers=["res5"], batch_size=8, block_rows=8), ImageConfig(size=16), str(root / "items.parquet"),
-                str(root / "model"), str(root / "feat"))
+    run_extract(
+        ExtractConfig(layers=["res5"], batch_size=8, block_rows=8),
+        ImageConfig(size=16),
+        str(root / "items.parquet"),
+        str(root / "model"),
+        str(root / "feat"),
+    )
 
     ok, bad = outcome(items, skipped, root / "feat")
     assert set(ok) | set(bad) == every_entry(d) | {"m/good", "m/missing"}  # nothing dropped
     assert not set(ok) & set(bad)
-    assert set(ok) == {"good.jpg", "png_named.jpg", "one_px.png", "cmyk.jpg", "sixteen.png", "gray.jpg", "alpha.png",
-                       "animated.gif", "sub/nested.jpg", "m/good"}
+    assert set(ok) == {
+        "good.jpg",
+        "png_named.jpg",
+        "one_px.png",
+        "cmyk.jpg",
+        "sixteen.png",
+        "gray.jpg",
+        "alpha.png",
+        "animated.gif",
+        "sub/nested.jpg",
+        "m/good",
+    }
     reasons = {
-        "truncated.jpg": "cannot decode", "zero.jpg": "empty file", "bomb.png": "too large", "notes.txt": "unsupported",
-        "caf\\xe9.jpg": "not valid UTF-8", "loop_a.jpg": "symlink loop", "loop_b.jpg": "symlink loop",
-        "dangling.jpg": "broken symbolic link", "sub/up": "reached again through a link", "m/missing": "cannot read file",
+        "truncated.jpg": "cannot decode",
+        "zero.jpg": "empty file",
+        "bomb.png": "too large",
+        "notes.txt": "unsupported",
+        "caf\\xe9.jpg": "not valid UTF-8",
+        "loop_a.jpg": "symlink loop",
+        "loop_b.jpg": "symlink loop",
+        "dangling.jpg": "broken symbolic link",
+        "sub/up": "reached again through a link",
+        "m/missing": "cannot read file",
     }
     assert set(bad) == set(reasons)
     for name, reason in reasons.items():
@@ -133,8 +156,13 @@ def test_video_corpus_every_file_has_features_or_a_reason(ray_session, tmp_path)
     cfg = ModelConfig(arch="r2plus1d_tiny", width=4)
     save_backbone(build(cfg, seed=0), cfg, str(tmp_path / "model"))
     media = VideoConfig(size=16, clip_len=4, stride=1, num_clips=2)
-    run_extract(ExtractConfig(layers=["res5"], batch_size=4, block_rows=4), media, str(tmp_path / "items.parquet"),
-                str(tmp_path / "model"), str(tmp_path / "feat"))
+    run_extract(
+        ExtractConfig(layers=["res5"], batch_size=4, block_rows=4),
+        media,
+        str(tmp_path / "items.parquet"),
+        str(tmp_path / "model"),
+        str(tmp_path / "feat"),
+    )
 
     ok, bad = outcome(items, skipped, tmp_path / "feat")
     assert set(ok) | set(bad) == every_entry(d)
@@ -150,8 +178,12 @@ def test_video_corpus_every_file_has_features_or_a_reason(ray_session, tmp_path)
 
 @pytest.mark.parametrize(
     "override, message",
-    [("extract.use_gpu=yes", "extract.use_gpu=yes asks for 1 GPU"), ("retrain.use_gpu=yes", "set retrain.use_gpu=auto"),
-     ("pretrain.train.num_workers=3", "lower pretrain.train.num_workers"), ("extract.num_actors=8", "lower extract.num_actors")],
+    [
+        ("extract.use_gpu=yes", "extract.use_gpu=yes asks for 1 GPU"),
+        ("retrain.use_gpu=yes", "set retrain.use_gpu=auto"),
+        ("pretrain.train.num_workers=3", "lower pretrain.train.num_workers"),
+        ("extract.num_actors=8", "lower extract.num_actors"),
+    ],
 )
 def test_resources_the_local_ray_lacks_fail_fast_before_any_stage(ray_session, tmp_path, override, message):
     from cf_ray.config import ConfigError, JobConfig, load_config
@@ -159,7 +191,9 @@ def test_resources_the_local_ray_lacks_fail_fast_before_any_stage(ray_session, t
     from cf_ray.pipeline import run_job
 
     data, target = make_demo_splits(tmp_path / "data", n_unlabelled=2, n_train=2, n_test=2, size=16)
-    cfg = load_config(JobConfig, None, [f"data={data}", f"target={target}", f"run_dir={tmp_path / 'run'}", "cluster.k=4", override])
+    cfg = load_config(
+        JobConfig, None, [f"data={data}", f"target={target}", f"run_dir={tmp_path / 'run'}", "cluster.k=4", override]
+    )
     with pytest.raises(ConfigError, match=message):  # the session's Ray has 2 CPUs and no GPU; waiting would hang
         run_job(cfg)
     assert not (tmp_path / "run" / "manifest.json").exists()

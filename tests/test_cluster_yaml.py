@@ -3,11 +3,12 @@
 Both have the shape the docs promise: CPU head, GPU workers from zero, the pinned Ray version's image, token auth,
 the dashboard on localhost only (or a ClusterIP Service), cf_ray's dependencies with faiss-gpu.
 """
+
 import shlex
-import tomllib
 from pathlib import Path
 
 import ray
+import tomllib
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
@@ -67,8 +68,13 @@ def test_kuberay_raycluster():
     rc = yaml.safe_load((KUBERAY / "raycluster.yaml").read_text())
     assert (rc["apiVersion"], rc["kind"]) == ("ray.io/v1", "RayCluster")
     _check_cluster_spec(rc["spec"])
-    assert max(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
-               for g in rc["spec"]["workerGroupSpecs"]) == 8
+    assert (
+        max(
+            int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+            for g in rc["spec"]["workerGroupSpecs"]
+        )
+        == 8
+    )
     assert yaml.safe_load((KUBERAY / "runtime_env.yaml").read_text())["pip"] == _dependencies_for_gpu_nodes()
 
 

@@ -11,14 +11,22 @@ def test_defaults_are_valid():
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config(JobConfig, None, ["cluster.k=7", "retrain.model.width=8", "extract.layers=[res4, res5]", "probe.layers=[res5]"])
+    cfg = load_config(
+        JobConfig, None, ["cluster.k=7", "retrain.model.width=8", "extract.layers=[res4, res5]", "probe.layers=[res5]"]
+    )
     assert cfg.cluster.k == 7 and cfg.retrain.model.width == 8 and cfg.extract.layers == ["res4", "res5"]
 
 
 @pytest.mark.parametrize(
     "override, key",
-    [("cluster.kk=3", "cluster.kk"), ("foo=1", "foo"), ("cluster.k=abc", "cluster.k"), ("cluster.k=0", "cluster.k"),
-     ("retrain.model.arch=nosuchnet", "retrain.model.arch"), ("pretrain.source=checkpoint", "pretrain")],
+    [
+        ("cluster.kk=3", "cluster.kk"),
+        ("foo=1", "foo"),
+        ("cluster.k=abc", "cluster.k"),
+        ("cluster.k=0", "cluster.k"),
+        ("retrain.model.arch=nosuchnet", "retrain.model.arch"),
+        ("pretrain.source=checkpoint", "pretrain"),
+    ],
 )
 def test_bad_keys_and_types_are_named(override, key):
     with pytest.raises(ConfigError) as e:
@@ -54,8 +62,11 @@ def test_config_reference_is_current():
 
 
 def test_several_transfer_targets():
-    cfg = load_config(JobConfig, None, ["target=a/t", "targets.flowers=b/flowers", "targets.voc.path=c/voc",
-                                        "targets.voc.multi_label=true"])
+    cfg = load_config(
+        JobConfig,
+        None,
+        ["target=a/t", "targets.flowers=b/flowers", "targets.voc.path=c/voc", "targets.voc.multi_label=true"],
+    )
     t = cfg.transfer_targets()
     assert list(t) == ["target", "flowers", "voc"]
     assert (t["target"].path, t["flowers"].path, t["voc"].path) == ("a/t", "b/flowers", "c/voc")
@@ -64,13 +75,16 @@ def test_several_transfer_targets():
     assert load_config(JobConfig).transfer_targets() == {}
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (["targets.2x=p"], "must start with a letter"),
-    (["targets.a/b=p"], "must start with a letter"),
-    (["target=p", "targets.target=q"], "give the second target another name"),
-    (["targets.voc.path=p", "targets.voc.multi_label=true", "probe.finetune=true"], "single-label targets only"),
-    (["targets.voc.multi_label=true"], "targets.voc.path"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["targets.2x=p"], "must start with a letter"),
+        (["targets.a/b=p"], "must start with a letter"),
+        (["target=p", "targets.target=q"], "give the second target another name"),
+        (["targets.voc.path=p", "targets.voc.multi_label=true", "probe.finetune=true"], "single-label targets only"),
+        (["targets.voc.multi_label=true"], "targets.voc.path"),
+    ],
+)
 def test_bad_targets_are_named(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(JobConfig, None, overrides)
@@ -81,4 +95,9 @@ def test_stage_command_takes_overrides_after_options():
     from cf_ray.cli import parser
 
     args = parser().parse_intermixed_args(["cluster", "--config", "c.yaml", "--demo", "cluster.k=60", "targets.f=x"])
-    assert (args.stage, args.config, args.demo, args.overrides) == ("cluster", "c.yaml", True, ["cluster.k=60", "targets.f=x"])
+    assert (args.stage, args.config, args.demo, args.overrides) == (
+        "cluster",
+        "c.yaml",
+        True,
+        ["cluster.k=60", "targets.f=x"],
+    )

@@ -4,12 +4,12 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from helpers import write_image
 
 from cf_ray.config import ExtractConfig, ImageConfig, ModelConfig
 from cf_ray.models.checkpoint import build, save_backbone
 from cf_ray.sources import list_items
 from cf_ray.stages.extract import read_features, run_extract, write_items
-from helpers import write_image
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 Kills come from outside (SIGKILL to the process), as a preempted node or the OOM killer would send them.
 The k-means actor kill is in test_kmeans_distributed.py, the Train worker kill in test_train.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,13 +19,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import write_image
 
 from cf_ray.config import ExtractConfig, ImageConfig, ModelConfig
 from cf_ray.models.checkpoint import build, save_backbone
 from cf_ray.sources import list_items
 from cf_ray.stages.cluster import read_assignments
 from cf_ray.stages.extract import IncompleteOutputError, read_features, run_extract, write_items
-from helpers import write_image
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(600)
@@ -48,7 +49,9 @@ def _proc_children(pid: int) -> list[tuple[int, str]]:
 
 
 def _committed(folder: Path) -> list[str]:
-    return [f for f in os.listdir(folder) if f.startswith("part-") and f.endswith(".parquet")] if folder.exists() else []
+    return (
+        [f for f in os.listdir(folder) if f.startswith("part-") and f.endswith(".parquet")] if folder.exists() else []
+    )
 
 
 @pytest.fixture(scope="module")
@@ -140,15 +143,36 @@ def test_cluster_output_without_marker_is_refused(tmp_path):
 
 
 TINY_JOB = [
-    "image.size=16", "pretrain.train.model.width=8", "retrain.model.width=8", "retrain.epochs=1",
-    "retrain.batch_size=16", "extract.block_rows=4", "extract.batch_size=4", "cluster.k=4", "cluster.niter=5",
-    "probe.epochs=5", "probe.weight_decays=[0.001]", "ray.num_cpus=2", "ray.object_store_mb=300",
+    "image.size=16",
+    "pretrain.train.model.width=8",
+    "retrain.model.width=8",
+    "retrain.epochs=1",
+    "retrain.batch_size=16",
+    "extract.block_rows=4",
+    "extract.batch_size=4",
+    "cluster.k=4",
+    "cluster.niter=5",
+    "probe.epochs=5",
+    "probe.weight_decays=[0.001]",
+    "ray.num_cpus=2",
+    "ray.object_store_mb=300",
 ]
 
 
 def _job(run: Path, data: Path, target: Path, ckpt: Path) -> list[str]:
-    return [sys.executable, str(ROOT / "jobs" / "clusterfit_image.py"), "--data", str(data), "--target", str(target), "--run-dir", str(run),
-            *TINY_JOB, "pretrain.source=checkpoint", f"pretrain.checkpoint={ckpt}"]
+    return [
+        sys.executable,
+        str(ROOT / "jobs" / "clusterfit_image.py"),
+        "--data",
+        str(data),
+        "--target",
+        str(target),
+        "--run-dir",
+        str(run),
+        *TINY_JOB,
+        "pretrain.source=checkpoint",
+        f"pretrain.checkpoint={ckpt}",
+    ]
 
 
 def _manifest(run: Path) -> dict:
@@ -184,13 +208,21 @@ def test_killed_driver_rerun_skips_done_stages_and_resumes(tmp_path):
 
     # Run 1: SIGKILL the driver and every process it started once extraction has committed a part.
     log1 = open(tmp_path / "run1.log", "w")
-    p = subprocess.Popen(_job(run, data, target, ckpt), cwd=tmp_path, env=env, stdout=log1, stderr=subprocess.STDOUT,
-                         start_new_session=True)
+    p = subprocess.Popen(
+        _job(run, data, target, ckpt),
+        cwd=tmp_path,
+        env=env,
+        stdout=log1,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 400
         while time.time() < deadline and p.poll() is None and not _committed(features):
             time.sleep(0.02)
-        assert p.poll() is None, f"the job ended before it could be killed: {(tmp_path / 'run1.log').read_text()[-3000:]}"
+        assert p.poll() is None, (
+            f"the job ended before it could be killed: {(tmp_path / 'run1.log').read_text()[-3000:]}"
+        )
         assert _committed(features), "extraction did not start in time"
     finally:
         if p.poll() is None:
@@ -206,7 +238,9 @@ def test_killed_driver_rerun_skips_done_stages_and_resumes(tmp_path):
     committed = set(_committed(features))
 
     # Run 2: the same command completes; done stages are skipped, extraction resumes from its parts.
-    r = subprocess.run(_job(run, data, target, ckpt), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)
+    r = subprocess.run(
+        _job(run, data, target, ckpt), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "stage pretrain: already done" in r.stdout
     after = _manifest(run)

@@ -2,13 +2,15 @@ import io
 
 import numpy as np
 import pytest
+from helpers import write_image
 from PIL import Image
 
 from cf_ray.media.image import decode_image, decode_images
-from helpers import write_image
 
 
-@pytest.mark.parametrize("mode, fmt", [("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("RGBA", "PNG"), ("LA", "PNG"), ("I;16", "PNG")])
+@pytest.mark.parametrize(
+    "mode, fmt", [("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("RGBA", "PNG"), ("LA", "PNG"), ("I;16", "PNG")]
+)
 def test_any_mode_becomes_rgb(tmp_path, mode, fmt):
     p = write_image(tmp_path / f"x.{fmt.lower()}", size=(50, 20), mode=mode, fmt=fmt)
     out = decode_image(p.read_bytes(), 16)
@@ -57,7 +59,10 @@ def test_batch_udf_records_errors_instead_of_raising(tmp_path):
     good = write_image(tmp_path / "good.jpg")
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8garbage")
-    batch = {"id": np.array(["g", "b", "m"], dtype=object), "path": np.array([str(good), str(bad), str(tmp_path / "missing.jpg")], dtype=object)}
+    batch = {
+        "id": np.array(["g", "b", "m"], dtype=object),
+        "path": np.array([str(good), str(bad), str(tmp_path / "missing.jpg")], dtype=object),
+    }
     out = decode_images(batch, size=8)
     assert out["image"].shape == (3, 8, 8, 3)
     assert out["error"][0] == ""

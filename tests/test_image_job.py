@@ -1,4 +1,5 @@
 """The whole image job end to end on tiny generated data, on the session's real local Ray."""
+
 import json
 import subprocess
 import sys
@@ -14,9 +15,18 @@ from cf_ray.sources import SourceError
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
-    "image.size=16", "pretrain.train.model.width=4", "retrain.model.width=4", "pretrain.train.epochs=1",
-    "retrain.epochs=1", "pretrain.train.batch_size=32", "retrain.batch_size=32", "extract.block_rows=64",
-    "cluster.k=6", "cluster.niter=5", "probe.epochs=20", "probe.weight_decays=[0.001]",
+    "image.size=16",
+    "pretrain.train.model.width=4",
+    "retrain.model.width=4",
+    "pretrain.train.epochs=1",
+    "retrain.epochs=1",
+    "pretrain.train.batch_size=32",
+    "retrain.batch_size=32",
+    "extract.block_rows=64",
+    "cluster.k=6",
+    "cluster.niter=5",
+    "probe.epochs=20",
+    "probe.weight_decays=[0.001]",
 ]
 
 
@@ -31,8 +41,9 @@ def demo(tmp_path_factory):
 
 def _multi_label_manifest(target: Path, path: Path) -> Path:
     """The target's images as one manifest whose items carry their shape and, for every other one, 'odd' too."""
-    rows = ["path,label"] + [f"{f},{f.parent.name}" + ("|odd" if i % 2 else "")
-                             for i, f in enumerate(sorted(target.glob("*/*/*.jpg")))]
+    rows = ["path,label"] + [
+        f"{f},{f.parent.name}" + ("|odd" if i % 2 else "") for i, f in enumerate(sorted(target.glob("*/*/*.jpg")))
+    ]
     path.write_text("\n".join(rows) + "\n")
     return path
 
@@ -44,9 +55,15 @@ def test_image_job_end_to_end_resume_and_a_second_target(ray_session, demo):
     run = Path(out["run_dir"])
     manifest = json.loads((run / "manifest.json").read_text())
     assert all(s["status"] == "done" for s in manifest["stages"].values())
-    assert set(out["transfer"]) == {"target"} and set(out["transfer"]["target"]) == {"random", "pretrained", "clusterfit"}
+    assert set(out["transfer"]) == {"target"} and set(out["transfer"]["target"]) == {
+        "random",
+        "pretrained",
+        "clusterfit",
+    }
     for m in out["transfer"]["target"].values():
-        assert set(m) == {"res3", "res4", "res5"} and all(v["metric"] == "top1" and 0 <= v["score"] <= 1 for v in m.values())
+        assert set(m) == {"res3", "res4", "res5"} and all(
+            v["metric"] == "top1" and 0 <= v["score"] <= 1 for v in m.values()
+        )
 
     a = pq.read_table(run / "cluster" / "assignments.parquet")
     assert a.num_rows == 60 and set(a["cluster"].to_pylist()) <= set(range(6))  # 61 files, 1 undecodable
@@ -59,16 +76,30 @@ def test_image_job_end_to_end_resume_and_a_second_target(ray_session, demo):
     # and only the new target's items, features and probes are computed.
     mtime = (run / "cluster" / "assignments.parquet").stat().st_mtime
     shapes = _multi_label_manifest(target, root / "shapes.csv")
-    cfg2 = load_config(JobConfig, None, TINY + [f"data={data}", f"target={target}", f"run_dir={root / 'run'}",
-                                                f"targets.shapes.path={shapes}", "targets.shapes.multi_label=true"])
+    cfg2 = load_config(
+        JobConfig,
+        None,
+        TINY
+        + [
+            f"data={data}",
+            f"target={target}",
+            f"run_dir={root / 'run'}",
+            f"targets.shapes.path={shapes}",
+            "targets.shapes.multi_label=true",
+        ],
+    )
     out2 = run_job(cfg2)
     assert (run / "cluster" / "assignments.parquet").stat().st_mtime == mtime
     stages = json.loads((run / "manifest.json").read_text())["stages"]
     assert all(stages[n] == manifest["stages"][n] for n in manifest["stages"] if n != "report")
-    assert all(stages[n]["status"] == "done" for n in ("items_shapes", "extract_clusterfit_shapes_test", "transfer_shapes"))
+    assert all(
+        stages[n]["status"] == "done" for n in ("items_shapes", "extract_clusterfit_shapes_test", "transfer_shapes")
+    )
     assert out2["transfer"]["target"] == out["transfer"]["target"]
     for m in out2["transfer"]["shapes"].values():
-        assert set(m) == {"res3", "res4", "res5"} and all(v["metric"] == "map" and 0 <= v["score"] <= 1 for v in m.values())
+        assert set(m) == {"res3", "res4", "res5"} and all(
+            v["metric"] == "map" and 0 <= v["score"] <= 1 for v in m.values()
+        )
 
     report = (run / "report.md").read_text()
     assert "ClusterFit - pre-trained" in report and "broken.jpg" in report
@@ -87,18 +118,32 @@ def test_image_job_end_to_end_resume_and_a_second_target(ray_session, demo):
 def test_bad_inputs_fail_before_ray_work(demo, tmp_path):
     _, data, target = demo
     with pytest.raises(ConfigError, match="cluster.k=500"):
-        run_job(load_config(JobConfig, None, TINY + [f"data={data}", f"target={target}", "cluster.k=500",
-                                                                  f"run_dir={tmp_path / 'r1'}"]))
+        run_job(
+            load_config(
+                JobConfig,
+                None,
+                TINY + [f"data={data}", f"target={target}", "cluster.k=500", f"run_dir={tmp_path / 'r1'}"],
+            )
+        )
     with pytest.raises(SourceError, match="does not exist"):
         run_job(load_config(JobConfig, None, [f"data={tmp_path / 'nope'}", f"target={target}"]))
     assert not (tmp_path / "r1").exists()
     (tmp_path / "ro").mkdir()
     (tmp_path / "ro" / "run").write_text("a file where the run directory should go")
     with pytest.raises(ConfigError, match="not writable"):
-        run_job(load_config(JobConfig, None, TINY + [f"data={data}", f"target={target}", f"run_dir={tmp_path / 'ro' / 'run'}"]))
+        run_job(
+            load_config(
+                JobConfig, None, TINY + [f"data={data}", f"target={target}", f"run_dir={tmp_path / 'ro' / 'run'}"]
+            )
+        )
 
 
 def test_job_script_reports_config_errors_clearly(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "clusterfit_image.py"), "--data", str(tmp_path), "cluster.kk=3"],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "clusterfit_image.py"), "--data", str(tmp_path), "cluster.kk=3"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert r.returncode == 2 and "cluster.kk: unknown key" in r.stderr

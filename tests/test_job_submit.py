@@ -1,5 +1,6 @@
 """`ray job submit` against a real head node on loopback, as on a cluster: token authentication on, the job reads its
 input from and writes every output to S3 (a real S3-compatible server on loopback)."""
+
 import io
 import json
 from pathlib import Path
@@ -7,19 +8,30 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from loopback_head import LoopbackHead
+from s3_server import LoopbackS3
 
 from cf_ray.config import ModelConfig
 from cf_ray.demo import make_demo_splits
 from cf_ray.models.checkpoint import build
-from loopback_head import LoopbackHead
-from s3_server import LoopbackS3
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
-    "image.size=16", "pretrain.train.model.width=4", "retrain.model.width=4", "retrain.epochs=1", "retrain.batch_size=32",
-    "extract.block_rows=64", "extract.layers=[res5]", "cluster.k=4", "cluster.niter=5", "probe.epochs=10",
-    "probe.layers=[res5]", "probe.weight_decays=[0.001]", "retrain.max_failures=0",
-    "cluster.backend=ray", "cluster.num_actors=1",  # sharded k-means: its per-iteration checkpoints go to S3 too
+    "image.size=16",
+    "pretrain.train.model.width=4",
+    "retrain.model.width=4",
+    "retrain.epochs=1",
+    "retrain.batch_size=32",
+    "extract.block_rows=64",
+    "extract.layers=[res5]",
+    "cluster.k=4",
+    "cluster.niter=5",
+    "probe.epochs=10",
+    "probe.layers=[res5]",
+    "probe.weight_decays=[0.001]",
+    "retrain.max_failures=0",
+    "cluster.backend=ray",
+    "cluster.num_actors=1",  # sharded k-means: its per-iteration checkpoints go to S3 too
 ]
 
 
@@ -32,7 +44,9 @@ def s3():
 
 @pytest.fixture(scope="module")
 def head(s3):
-    h = LoopbackHead(auth_mode="token", extra_env=s3.env)  # S3 credentials on the node, as an instance profile gives them
+    h = LoopbackHead(
+        auth_mode="token", extra_env=s3.env
+    )  # S3 credentials on the node, as an instance profile gives them
     yield h
     h.stop()
 
@@ -52,39 +66,81 @@ def test_image_job_through_ray_job_submit_on_s3(head, s3, tmp_path):
         f.write(buf.getvalue())
     run = s3.uri("runs", "job")
 
-    head.submit(["python", "jobs/clusterfit_image.py", "--data", data_uri, "--target", target_uri, "--run-dir", run,
-                 "pretrain.source=checkpoint", f"pretrain.checkpoint={s3.uri('in', 'weights.pt')}", *TINY],
-                working_dir=str(ROOT), submission_id="cf-image")
+    head.submit(
+        [
+            "python",
+            "jobs/clusterfit_image.py",
+            "--data",
+            data_uri,
+            "--target",
+            target_uri,
+            "--run-dir",
+            run,
+            "pretrain.source=checkpoint",
+            f"pretrain.checkpoint={s3.uri('in', 'weights.pt')}",
+            *TINY,
+        ],
+        working_dir=str(ROOT),
+        submission_id="cf-image",
+    )
     status, logs, seen = head.wait("cf-image", timeout=400, metrics_prefix="ray_cf_ray_")
     assert status == "SUCCEEDED", logs[-4000:]
     assert "Connecting to existing Ray cluster" in logs and "stage report: done" in logs
 
     files = s3.listing("runs", "job")
-    for f in ("config.yaml", "manifest.json", "metrics.json", "report.md", "errors.parquet", "items/source.parquet",
-              "models/clusterfit/backbone.pt", "cluster/centroids.npy", "cluster/assignments.parquet/part-00000.parquet",
-              "features/pretrained/source/_SUCCESS.json", "plots/transfer.png"):
+    for f in (
+        "config.yaml",
+        "manifest.json",
+        "metrics.json",
+        "report.md",
+        "errors.parquet",
+        "items/source.parquet",
+        "models/clusterfit/backbone.pt",
+        "cluster/centroids.npy",
+        "cluster/assignments.parquet/part-00000.parquet",
+        "features/pretrained/source/_SUCCESS.json",
+        "plots/transfer.png",
+    ):
         assert f in files, files
     assert any(f.startswith("train/retrain/checkpoint_") and f.endswith("state.pt") for f in files)
-    assert not any(f.startswith("cluster/_checkpoint/") for f in files)  # k-means checkpoints: removed once the fit is done
+    assert not any(
+        f.startswith("cluster/_checkpoint/") for f in files
+    )  # k-means checkpoints: removed once the fit is done
     assert any(f.startswith("features/clusterfit/target_test/") and f.endswith(".parquet") for f in files)
     manifest = json.loads(s3.read("runs", "job", "manifest.json"))
     assert all(s["status"] == "done" for s in manifest["stages"].values())
     metrics = json.loads(s3.read("runs", "job", "metrics.json"))
-    assert set(metrics["transfer"]["target"]) == {"random", "pretrained", "clusterfit"} and metrics["skipped_inputs"] == 1
+    assert (
+        set(metrics["transfer"]["target"]) == {"random", "pretrained", "clusterfit"} and metrics["skipped_inputs"] == 1
+    )
     assert pq.read_table(s3.key("runs", "job", "cluster", "assignments.parquet"), filesystem=s3.fs).num_rows == 24
     report = s3.read("runs", "job", "report.md").decode()
     assert "broken.jpg" in report and f"Ray dashboard of this run: {head.address}" in report
 
-    # The custom metrics reached the head's Prometheus export, from the extraction actors, the Train worker and the driver.
+    # The custom metrics reached the head's Prometheus export,
+    # from the extraction actors, the Train worker and the driver.
     def value(name, **tags):
-        hits = [v for k, v in seen.items() if k.startswith(name + "{") and all(f'{t}="{x}"' in k for t, x in tags.items())]
+        hits = [
+            v for k, v in seen.items() if k.startswith(name + "{") and all(f'{t}="{x}"' in k for t, x in tags.items())
+        ]
         return sum(hits) if hits else None
-    assert value("ray_cf_ray_items_processed_total", stage="extract") == 24 + 3 * (18 + 12)  # source, then the target with 3 models
+
+    assert value("ray_cf_ray_items_processed_total", stage="extract") == 24 + 3 * (
+        18 + 12
+    )  # source, then the target with 3 models
     assert value("ray_cf_ray_items_skipped_total", stage="extract") == 1
     assert value("ray_cf_ray_items_processed_total", stage="retrain") == 24
-    iterations = len(json.loads(s3.read("runs", "job", "cluster", "stats.json"))["history"])  # faiss stops once converged
-    assert value("ray_cf_ray_kmeans_iterations_total", layer="res5") == iterations and value("ray_cf_ray_kmeans_objective") > 0
-    assert value("ray_cf_ray_train_loss", run="retrain") > 0 and value("ray_cf_ray_train_items_per_second", run="retrain") > 0
+    iterations = len(
+        json.loads(s3.read("runs", "job", "cluster", "stats.json"))["history"]
+    )  # faiss stops once converged
+    assert (
+        value("ray_cf_ray_kmeans_iterations_total", layer="res5") == iterations
+        and value("ray_cf_ray_kmeans_objective") > 0
+    )
+    assert (
+        value("ray_cf_ray_train_loss", run="retrain") > 0
+        and value("ray_cf_ray_train_items_per_second", run="retrain") > 0
+    )
 
 
 def test_use_gpu_yes_is_trusted_only_on_a_joined_cluster(monkeypatch):

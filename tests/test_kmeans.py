@@ -1,4 +1,5 @@
 """cf_ray.kmeans.core: pure k-means pieces, checked against brute-force numpy and faiss.Kmeans."""
+
 from __future__ import annotations
 
 import faiss
@@ -44,7 +45,9 @@ def test_partial_stats_match_brute_force_and_add_up_over_shards():
     d2 = ((x[:, None, :].astype(np.float64) - c[None]) ** 2).sum(-1)
     lab = d2.argmin(1)
     np.testing.assert_array_equal(counts, np.bincount(lab, minlength=7))
-    np.testing.assert_allclose(sums, np.stack([x[lab == j].astype(np.float64).sum(0) for j in range(7)]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        sums, np.stack([x[lab == j].astype(np.float64).sum(0) for j in range(7)]), rtol=1e-6, atol=1e-6
+    )
     assert obj == pytest.approx(d2.min(1).sum(), rel=1e-5)
     parts = [core.partial_stats(xs, c) for xs in np.array_split(x, 3)]
     np.testing.assert_allclose(sum(p[0] for p in parts), sums, rtol=1e-6)
@@ -173,7 +176,12 @@ def test_sizes_stats_equals_cluster_stats():
 
 @pytest.mark.parametrize(
     "rows,parts,expect",
-    [([100] * 4, 4, [[0], [1], [2], [3]]), ([100] * 4, 2, [[0, 1], [2, 3]]), ([5, 5], 4, [[0], [1]]), ([1, 1, 1, 97], 2, [[0, 1, 2], [3]])],
+    [
+        ([100] * 4, 4, [[0], [1], [2], [3]]),
+        ([100] * 4, 2, [[0, 1], [2, 3]]),
+        ([5, 5], 4, [[0], [1]]),
+        ([1, 1, 1, 97], 2, [[0, 1, 2], [3]]),
+    ],
 )
 def test_partition_rows_is_contiguous_and_balanced(rows, parts, expect):
     assert partition_rows(rows, parts) == expect

@@ -1,4 +1,5 @@
 """cf_ray.kmeans.distributed on a real local Ray: faiss agreement, splits, determinism, resume, failures."""
+
 from __future__ import annotations
 
 import os
@@ -62,7 +63,9 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pool4(ray_session, data):
-    pool = ShardPool(data[2], "res5", num_actors=4, cpus_per_actor=0.25, l2=False)  # 1 of the 2 CPUs: room for more pools
+    pool = ShardPool(
+        data[2], "res5", num_actors=4, cpus_per_actor=0.25, l2=False
+    )  # 1 of the 2 CPUs: room for more pools
     yield pool
     pool.shutdown()
 
@@ -108,7 +111,9 @@ def test_subsample_trains_like_faiss_on_the_same_sample_then_assigns_every_row(r
         assert mine["obj"] == pytest.approx(ref["obj"], rel=1e-3)
     assert sum(pool4.step(c, False)[1]) == len(x)  # the pool trains on all rows again afterwards
 
-    summary = run_cluster(conf.model_copy(update={"num_actors": 2, "cpus_per_actor": 0.25}), str(Path(files[0]).parent), str(tmp_path))
+    summary = run_cluster(
+        conf.model_copy(update={"num_actors": 2, "cpus_per_actor": 0.25}), str(Path(files[0]).parent), str(tmp_path)
+    )
     assert summary["n"] == len(x) and read_assignments(str(tmp_path)).num_rows == len(x)
 
 
@@ -161,7 +166,9 @@ def test_resume_after_interruption_gives_the_uninterrupted_result(ray_session, d
     np.testing.assert_array_equal(got, want)
     assert [h["obj"] for h in hist] == pytest.approx([h["obj"] for h in want_hist], rel=1e-6)
     with pytest.raises(CheckpointMismatch, match="k: saved 10, now 12"):
-        fit_distributed(files, "res5", cfg(pca_dim=8, l2_normalize=True, k=12), 2, 0.5, checkpoint_uri=str(tmp_path / "ck"))
+        fit_distributed(
+            files, "res5", cfg(pca_dim=8, l2_normalize=True, k=12), 2, 0.5, checkpoint_uri=str(tmp_path / "ck")
+        )
 
 
 def test_tol_stops_early(ray_session, data, pool4):
@@ -177,8 +184,10 @@ def test_dead_actor_is_restarted_or_replaced_and_result_unchanged(ray_session, d
     try:
         want, _ = fit_distributed(files, "res5", cfg(), 2, 0.5, pool=pool)
         pid = ray.get(pool.actors[1].info.remote())["pid"]
-        kills = {1: lambda: ray.kill(pool.actors[1], no_restart=False),  # Ray restarts it, the call is retried
-                 3: lambda: ray.kill(pool.actors[0], no_restart=True)}  # gone for good: the driver replaces it
+        kills = {
+            1: lambda: ray.kill(pool.actors[1], no_restart=False),  # Ray restarts it, the call is retried
+            3: lambda: ray.kill(pool.actors[0], no_restart=True),
+        }  # gone for good: the driver replaces it
 
         def kill(rec):
             if rec["iter"] in kills:
@@ -197,7 +206,9 @@ def test_run_cluster_ray_backend_writes_stage_outputs(ray_session, data, tmp_pat
 
     x, truth, files = data
     out = tmp_path / "cluster"
-    conf = ClusterConfig(k=6, niter=10, backend="ray", init="kmeans++", num_actors=2, cpus_per_actor=0.5, l2_normalize=False)
+    conf = ClusterConfig(
+        k=6, niter=10, backend="ray", init="kmeans++", num_actors=2, cpus_per_actor=0.5, l2_normalize=False
+    )
     summary = run_cluster(conf, str(Path(files[0]).parent), str(out))
     assert summary["n"] == len(x) and summary["empty"] == 0
     assert {"centroids.npy", "assignments.parquet", "stats.json", "_SUCCESS.json"} <= set(os.listdir(out))
@@ -222,7 +233,8 @@ CLUSTER_SCRIPT = textwrap.dedent("""
     ray.init(address=cluster.address, log_to_driver=False)
     pool = ShardPool(files, "res5", 2, 1, l2=False)
     nodes = {i["node"] for i in ray.get([a.info.remote() for a in pool.actors])}
-    c, hist = fit_distributed(files, "res5", ClusterConfig(k=6, niter=5, backend="ray", l2_normalize=False), 2, 1, pool=pool)
+    cfg = ClusterConfig(k=6, niter=5, backend="ray", l2_normalize=False)
+    c, hist = fit_distributed(files, "res5", cfg, 2, 1, pool=pool)
     print("NODES", len(nodes), "OBJ", hist[-1]["obj"])
     pool.shutdown(); ray.shutdown(); cluster.shutdown()
 """)
@@ -231,7 +243,9 @@ CLUSTER_SCRIPT = textwrap.dedent("""
 def test_two_raylet_cluster_runs_one_actor_per_node(data):
     """ray.cluster_utils.Cluster needs its own Ray instance: run it in a subprocess."""
     env = os.environ | {"RAY_AUTH_MODE": "disabled"}
-    res = subprocess.run([sys.executable, "-c", CLUSTER_SCRIPT, *data[2]], capture_output=True, text=True, timeout=180, cwd=ROOT, env=env)
+    res = subprocess.run(
+        [sys.executable, "-c", CLUSTER_SCRIPT, *data[2]], capture_output=True, text=True, timeout=180, cwd=ROOT, env=env
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     line = [l for l in res.stdout.splitlines() if l.startswith("NODES")][0].split()
     assert line[1] == "2" and float(line[3]) > 0

@@ -63,5 +63,7 @@ def test_torchvision_weights_from_local_cache(tmp_path, monkeypatch):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ours = model.eval().forward_features(x, ["res5"])["res5"]
-        theirs = torch.flatten(tv.avgpool(tv.layer4(tv.layer3(tv.layer2(tv.layer1(tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))))))), 1)
+        theirs = torch.flatten(
+            tv.avgpool(tv.layer4(tv.layer3(tv.layer2(tv.layer1(tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))))))), 1
+        )
     assert torch.allclose(ours, theirs, atol=1e-5)

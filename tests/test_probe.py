@@ -49,18 +49,28 @@ def _multilabel_parquet(path, n, d, k, seed, signal):
     labels = ["|".join(f"c{j}" for j in np.nonzero(row)[0]) for row in y]
     feat = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), d)
     path.mkdir(parents=True)
-    pq.write_table(pa.table({"id": [str(i) for i in range(n)], "label": labels, "error": [""] * n, "feat_res5": feat}),
-                   path / "part-00000.parquet")
+    pq.write_table(
+        pa.table({"id": [str(i) for i in range(n)], "label": labels, "error": [""] * n, "feat_res5": feat}),
+        path / "part-00000.parquet",
+    )
     (path / SUCCESS).write_text("{}")  # a complete extraction output
     return str(path)
 
 
 def test_multi_label_probe_reports_map(tmp_path):
     cfg = ProbeConfig(layers=["res5"], epochs=50, multi_label=True, weight_decays=[1e-4, 1e-2])
-    good = run_probe(cfg, _multilabel_parquet(tmp_path / "tr", 400, 16, 5, 0, 3.0), _multilabel_parquet(tmp_path / "te", 200, 16, 5, 1, 3.0))
+    good = run_probe(
+        cfg,
+        _multilabel_parquet(tmp_path / "tr", 400, 16, 5, 0, 3.0),
+        _multilabel_parquet(tmp_path / "te", 200, 16, 5, 1, 3.0),
+    )
     r = good["res5"]
     assert r["metric"] == "map" and r["score"] == r["map"] > 0.9 and r["classes"] == 5
-    noise = run_probe(cfg, _multilabel_parquet(tmp_path / "tr0", 400, 16, 5, 0, 0.0), _multilabel_parquet(tmp_path / "te0", 200, 16, 5, 1, 0.0))
+    noise = run_probe(
+        cfg,
+        _multilabel_parquet(tmp_path / "tr0", 400, 16, 5, 0, 0.0),
+        _multilabel_parquet(tmp_path / "te0", 200, 16, 5, 1, 0.0),
+    )
     assert noise["res5"]["map"] < 0.6  # about the label frequency (~0.35) when features carry nothing
     with pytest.raises(ValueError, match="single-label"):
         ProbeConfig(multi_label=True, finetune=True)

@@ -2,6 +2,7 @@
 
 The whole job on S3 through `ray job submit` is in test_job_submit.py; these are the pieces, without Ray.
 """
+
 import io
 import pickle
 
@@ -9,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from s3_server import LoopbackS3
 
 from cf_ray import storage
 from cf_ray.config import ModelConfig
@@ -16,7 +18,6 @@ from cf_ray.demo import make_demo_splits
 from cf_ray.models.checkpoint import build, import_checkpoint, load_backbone
 from cf_ray.rundir import RunDir
 from cf_ray.sources import list_items, load_target
-from s3_server import LoopbackS3
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,9 @@ def test_inputs_listed_from_s3(s3, tmp_path):
     assert items.num_rows == 12 and all(p.startswith(s3.uri("in", "data") + "/") for p in items["path"].to_pylist())
     assert skipped["id"].to_pylist() == ["readme.txt"]
     train, test, _ = load_target(s3.upload(target, "in", "target"), 0.3, 0)
-    assert (train.num_rows, test.num_rows) == (12, 6) and set(train["label"].to_pylist()) == set(test["label"].to_pylist())
+    assert (train.num_rows, test.num_rows) == (12, 6) and set(train["label"].to_pylist()) == set(
+        test["label"].to_pylist()
+    )
 
 
 def test_one_filesystem_per_bucket_and_environment(s3, monkeypatch):
@@ -98,6 +101,8 @@ def test_kmeans_checkpoint_on_s3_refuses_pickled_centroids(s3):
     assert load_state(uri, fp).iteration == 3 and np.array_equal(load_state(uri, fp).centroids, np.eye(2))
     buf = io.BytesIO()
     np.save(buf, np.array([_Exploit()], dtype=object), allow_pickle=True)
-    storage.write_bytes(storage.join(uri, storage.read_json(storage.join(uri, "state.json"))["centroids"]), buf.getvalue())
+    storage.write_bytes(
+        storage.join(uri, storage.read_json(storage.join(uri, "state.json"))["centroids"]), buf.getvalue()
+    )
     with pytest.raises(ValueError, match="allow_pickle=False"):
         load_state(uri, fp)

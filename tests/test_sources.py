@@ -1,9 +1,9 @@
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import write_image
 
 from cf_ray.sources import SourceError, list_items, load_target, split_items
-from helpers import write_image
 
 
 def test_folder_with_class_subfolders(tmp_path):
@@ -33,7 +33,9 @@ def test_manifest_csv_and_parquet(tmp_path):
     items, _ = list_items(str(tmp_path / "m.csv"))
     assert items["label"].to_pylist() == ["cat", "dog"]
     assert items["path"][0].as_py() == str(tmp_path / "img" / "1.jpg")
-    pq.write_table(pa.table({"id": ["u", "v"], "path": [str(tmp_path / "img" / "1.jpg"), "img/2.jpg"]}), tmp_path / "m.parquet")
+    pq.write_table(
+        pa.table({"id": ["u", "v"], "path": [str(tmp_path / "img" / "1.jpg"), "img/2.jpg"]}), tmp_path / "m.parquet"
+    )
     items, _ = list_items(str(tmp_path / "m.parquet"))
     assert items["id"].to_pylist() == ["u", "v"]
 

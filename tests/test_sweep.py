@@ -1,4 +1,5 @@
 """The ClusterFit sweep end to end on tiny generated images, on the session's real local Ray."""
+
 import json
 import subprocess
 import sys
@@ -16,10 +17,21 @@ from cf_ray.sweep import load_sweep_config, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
-    "job.image.size=16", "job.pretrain.train.model.width=8", "job.retrain.model.width=8", "job.pretrain.train.epochs=1",
-    "job.pretrain.train.batch_size=32", "job.retrain.batch_size=32", "job.extract.block_rows=64", "job.extract.layers=[res4,res5]",
-    "job.cluster.niter=5", "job.probe.layers=[res4,res5]", "job.probe.epochs=20", "job.probe.weight_decays=[0.001]",
-    "grid.k=[6]", "grid.layer=[res4+res5]", "grid.epochs=[1]",
+    "job.image.size=16",
+    "job.pretrain.train.model.width=8",
+    "job.retrain.model.width=8",
+    "job.pretrain.train.epochs=1",
+    "job.pretrain.train.batch_size=32",
+    "job.retrain.batch_size=32",
+    "job.extract.block_rows=64",
+    "job.extract.layers=[res4,res5]",
+    "job.cluster.niter=5",
+    "job.probe.layers=[res4,res5]",
+    "job.probe.epochs=20",
+    "job.probe.weight_decays=[0.001]",
+    "grid.k=[6]",
+    "grid.layer=[res4+res5]",
+    "grid.epochs=[1]",
 ]
 
 
@@ -49,7 +61,10 @@ def test_sweep_reuses_pretraining_and_resumes(ray_session, demo):
     assert "pretrain" not in sub and sub["retrain"]["status"] == "done"
     source = next((run / "features" / "pretrained" / "source").glob("part-*.parquet"))
     dims = {n: pq.read_schema(source).field(f"feat_{n}").type.list_size for n in ("res4", "res5")}
-    assert json.loads((run / "features" / "cluster_input" / "res4-res5" / "_SUCCESS.json").read_text())["dim"] == dims["res4"] + dims["res5"]
+    assert (
+        json.loads((run / "features" / "cluster_input" / "res4-res5" / "_SUCCESS.json").read_text())["dim"]
+        == dims["res4"] + dims["res5"]
+    )
     assert sub["cluster"]["result"]["d"] == dims["res4"] + dims["res5"]
 
     report = (run / "report.md").read_text()
@@ -66,11 +81,17 @@ def test_sweep_reuses_pretraining_and_resumes(ray_session, demo):
     assert distill["items"] == 48 and (run / "plots" / "sweep_target.png").stat().st_size > 1000
 
     # A rerun skips every finished setting and control: nothing is retrained.
-    started = {s: json.loads((run / "settings" / s / "manifest.json").read_text())["stages"]["retrain"]["started"] for s in settings}
+    started = {
+        s: json.loads((run / "settings" / s / "manifest.json").read_text())["stages"]["retrain"]["started"]
+        for s in settings
+    }
     model = run / "controls" / "longer_pretrain_e1" / "models" / "clusterfit" / "backbone.pt"
     mtime = model.stat().st_mtime
     run_sweep(cfg)
-    again = {s: json.loads((run / "settings" / s / "manifest.json").read_text())["stages"]["retrain"]["started"] for s in settings}
+    again = {
+        s: json.loads((run / "settings" / s / "manifest.json").read_text())["stages"]["retrain"]["started"]
+        for s in settings
+    }
     assert again == started and model.stat().st_mtime == mtime
     assert _table_rows((run / "report.md").read_text()) == rows
 
@@ -96,10 +117,28 @@ def test_fuse_layer_joins_two_networks_features(ray_session, demo):
     job = load_sweep_config(None, TINY + [f"job.data={data}", f"job.target={target}"]).job
     (base / "config.yaml").write_text(dump_config(job))  # what makes a run directory usable as base_run
     fuse = RunDir(str(root / "fuse"))
-    fuse.stage("extract_source", lambda: run_extract(job.extract, job.media, str(base / "items" / "source.parquet"),
-                                                     str(base / "models" / "random"), Paths(fuse).features("pretrained", "source")))
-    cfg = load_sweep_config(None, TINY + [f"base_run={base}", f"fuse_run={fuse.root}", "grid.layer=[fuse:res5]",
-                                          f"job.target={target}", f"run_dir={root / 'fused'}", "source_limit=20"])
+    fuse.stage(
+        "extract_source",
+        lambda: run_extract(
+            job.extract,
+            job.media,
+            str(base / "items" / "source.parquet"),
+            str(base / "models" / "random"),
+            Paths(fuse).features("pretrained", "source"),
+        ),
+    )
+    cfg = load_sweep_config(
+        None,
+        TINY
+        + [
+            f"base_run={base}",
+            f"fuse_run={fuse.root}",
+            "grid.layer=[fuse:res5]",
+            f"job.target={target}",
+            f"run_dir={root / 'fused'}",
+            "source_limit=20",
+        ],
+    )
     sweep = Sweep(cfg)
     sweep._write_cluster_source()
     res = sweep._write_cluster_input("fuse:res5")
@@ -119,10 +158,23 @@ def test_controls_match_each_retraining_budget(tmp_path):
     cfg = load_sweep_config(None, ["job.data=x", "job.target=y", f"run_dir={tmp_path}", "grid.epochs=[6,24,8]"])
     sweep = Sweep(cfg)
     assert sweep.control_epochs() == [2, 6]  # RotNet shows each image 4 times per epoch
-    assert [s for s, _, _ in controls(sweep)] == ["control_longer_pretrain_e2", "control_distill_e2",
-                                                  "control_longer_pretrain_e6", "control_distill_e6"]
-    cfg = load_sweep_config(None, ["job.data=x", "job.target=y", f"run_dir={tmp_path}", "grid.epochs=[6]",
-                                   "job.pretrain.source=labels", "controls.distill=false"])
+    assert [s for s, _, _ in controls(sweep)] == [
+        "control_longer_pretrain_e2",
+        "control_distill_e2",
+        "control_longer_pretrain_e6",
+        "control_distill_e6",
+    ]
+    cfg = load_sweep_config(
+        None,
+        [
+            "job.data=x",
+            "job.target=y",
+            f"run_dir={tmp_path}",
+            "grid.epochs=[6]",
+            "job.pretrain.source=labels",
+            "controls.distill=false",
+        ],
+    )
     assert [s for s, _, _ in controls(Sweep(cfg))] == ["control_longer_pretrain_e6"]
 
 
@@ -133,8 +185,11 @@ def test_sweep_config_errors(tmp_path):
         load_sweep_config(None, [f"base_run={tmp_path}", "job.target=y"])
     with pytest.raises(ConfigError, match="no transfer target"):
         load_sweep_config(None, ["job.data=x"])
-    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "clusterfit_sweep.py"), "grid.k=[0]", "job.data=x", "job.target=y"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "clusterfit_sweep.py"), "grid.k=[0]", "job.data=x", "job.target=y"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "grid.k" in r.stderr
 
 
@@ -148,9 +203,18 @@ def test_noisy_labels_flip_exactly_the_fraction_to_other_classes():
 
 def test_cluster_quality_against_true_labels():
     items = pa.table({"id": list("abcdef"), "label": ["x", "x", "x", "y", "y", "y"]})
-    perfect = cluster_quality(items, pa.table({"id": list("abcdef"), "cluster": pa.array([1, 1, 1, 0, 0, 0], pa.int64())}))
+    perfect = cluster_quality(
+        items, pa.table({"id": list("abcdef"), "cluster": pa.array([1, 1, 1, 0, 0, 0], pa.int64())})
+    )
     assert perfect == {"nmi": pytest.approx(1.0), "ari": pytest.approx(1.0), "purity": 1.0}
-    mixed = cluster_quality(items, pa.table({"id": list("abcdef"), "cluster": pa.array([0, 1, 0, 1, 0, 1], pa.int64())}))
+    mixed = cluster_quality(
+        items, pa.table({"id": list("abcdef"), "cluster": pa.array([0, 1, 0, 1, 0, 1], pa.int64())})
+    )
     assert mixed["purity"] == pytest.approx(4 / 6) and mixed["nmi"] < 0.2
-    assert cluster_quality(pa.table({"id": ["a"], "label": pa.array([None], pa.string())}),
-                           pa.table({"id": ["a"], "cluster": pa.array([0], pa.int64())})) == {}
+    assert (
+        cluster_quality(
+            pa.table({"id": ["a"], "label": pa.array([None], pa.string())}),
+            pa.table({"id": ["a"], "cluster": pa.array([0], pa.int64())}),
+        )
+        == {}
+    )

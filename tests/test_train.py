@@ -1,4 +1,5 @@
 """Ray Train training on tiny real images: checkpoints, resume, 2 DDP workers, a killed worker."""
+
 import json
 import os
 import sys
@@ -8,6 +9,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+
+# Hooks defined here travel to the Ray Train workers by value (tests/ is not importable there).
+import ray.cloudpickle  # noqa: E402
 import torch
 
 from cf_ray.config import ImageConfig, ModelConfig, TrainConfig
@@ -15,9 +19,6 @@ from cf_ray.demo import make_image_demo
 from cf_ray.models.checkpoint import build, load_backbone
 from cf_ray.sources import list_items
 from cf_ray.train.loop import Classifier, param_digest, train_classifier
-
-# Hooks defined here travel to the Ray Train workers by value (tests/ is not importable there).
-import ray.cloudpickle  # noqa: E402
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -54,8 +55,16 @@ def labelled_items(tmp_path_factory):
 
 
 def _kw(items, tmp_path, name, **extra):
-    return dict(media=ImageConfig(size=16), items=items, task="labels", num_classes=6,
-                storage_path=str(tmp_path / "train"), name=name, model_uri=str(tmp_path / name / "model"), **extra)
+    return dict(
+        media=ImageConfig(size=16),
+        items=items,
+        task="labels",
+        num_classes=6,
+        storage_path=str(tmp_path / "train"),
+        name=name,
+        model_uri=str(tmp_path / name / "model"),
+        **extra,
+    )
 
 
 def test_resumed_run_ends_like_an_uninterrupted_one(ray_session, labelled_items, tmp_path):
@@ -67,8 +76,10 @@ def test_resumed_run_ends_like_an_uninterrupted_one(ray_session, labelled_items,
     # The same job fails in epoch 2 (no retries left), then is rerun with the same name: it resumes after epoch 1.
     marker = tmp_path / "failed"
     with pytest.raises(Exception, match="injected failure"):
-        train_classifier(cfg.model_copy(update={"max_failures": 0}),
-                         **_kw(labelled_items, tmp_path, "cut", step_hook=FailOnce(marker, 2, "raise", tmp_path / "train" / "cut")))
+        train_classifier(
+            cfg.model_copy(update={"max_failures": 0}),
+            **_kw(labelled_items, tmp_path, "cut", step_hook=FailOnce(marker, 2, "raise", tmp_path / "train" / "cut")),
+        )
     assert marker.exists()
     resumed = train_classifier(cfg, **_kw(labelled_items, tmp_path, "cut"))
     h, f = resumed["history"], full["history"]
@@ -93,10 +104,21 @@ def test_two_workers_stay_in_sync_and_survive_a_killed_worker(ray_session, label
     t = labelled_items["target"].to_numpy().copy()
     t[t < 4] = 0
     items = labelled_items.set_column(labelled_items.schema.get_field_index("target"), "target", pa.array(t))
-    cfg = TrainConfig(model=ModelConfig(width=8), epochs=3, batch_size=8, warmup_epochs=0, num_workers=2,
-                      cpus_per_worker=0.5, max_failures=1, sampling="uniform", seed=1)
+    cfg = TrainConfig(
+        model=ModelConfig(width=8),
+        epochs=3,
+        batch_size=8,
+        warmup_epochs=0,
+        num_workers=2,
+        cpus_per_worker=0.5,
+        max_failures=1,
+        sampling="uniform",
+        seed=1,
+    )
     marker = tmp_path / "killed"
-    res = train_classifier(cfg, **_kw(items, tmp_path, "ddp", step_hook=FailOnce(marker, 2, "exit", tmp_path / "train" / "ddp", rank=1)))
+    res = train_classifier(
+        cfg, **_kw(items, tmp_path, "ddp", step_hook=FailOnce(marker, 2, "exit", tmp_path / "train" / "ddp", rank=1))
+    )
     assert marker.exists(), "the worker was never killed"
     h = res["history"]
     assert [x["epoch"] for x in h] == [1, 2, 3]

@@ -1,4 +1,5 @@
 """Transfer by full fine-tuning (a Ray Train job from a saved backbone), scored through Ray Data extraction."""
+
 import numpy as np
 import torch
 
@@ -21,9 +22,18 @@ def test_finetune_starts_from_the_backbone_and_scores_its_own_forward_pass(ray_s
     start = build(mcfg, seed=5)
     save_backbone(start, mcfg, str(tmp_path / "pre"))
     media = ImageConfig(size=16)
-    res = run_finetune(TrainConfig(epochs=1, batch_size=16, lr=1e-4, warmup_epochs=0), ExtractConfig(batch_size=32),
-                       media, str(tmp_path / "train.parquet"), str(tmp_path / "test.parquet"), str(tmp_path / "pre"),
-                       str(tmp_path / "ft"), str(tmp_path / "ft_feats"), str(tmp_path / "runs"), "finetune_pre")
+    res = run_finetune(
+        TrainConfig(epochs=1, batch_size=16, lr=1e-4, warmup_epochs=0),
+        ExtractConfig(batch_size=32),
+        media,
+        str(tmp_path / "train.parquet"),
+        str(tmp_path / "test.parquet"),
+        str(tmp_path / "pre"),
+        str(tmp_path / "ft"),
+        str(tmp_path / "ft_feats"),
+        str(tmp_path / "runs"),
+        "finetune_pre",
+    )
     assert res["metric"] == "top1" and res["n_train"] == 36 and res["n_test"] == 18 and res["classes"] == 6
 
     tuned, _ = load_backbone(str(tmp_path / "ft"))

@@ -1,4 +1,5 @@
 """Uniform sampling over (pseudo-)labels on a stream of batches (DeepCluster's answer to imbalanced clusters)."""
+
 import numpy as np
 import torch
 

@@ -1,7 +1,7 @@
 """Video decoding on real files written with PyAV: sizes, frame rates, rotation, short videos, bad input."""
-from fractions import Fraction
 
 import time
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -41,7 +41,9 @@ def read(path) -> bytes:
 # ----------------------------------------------------------------------------- clip sampler
 
 
-@pytest.mark.parametrize("num_frames,num_clips,clip_len,stride", [(100, 5, 8, 2), (16, 3, 16, 1), (40, 1, 4, 4), (17, 7, 3, 1)])
+@pytest.mark.parametrize(
+    "num_frames,num_clips,clip_len,stride", [(100, 5, 8, 2), (16, 3, 16, 1), (40, 1, 4, 4), (17, 7, 3, 1)]
+)
 def test_uniform_starts_count_bounds_spacing(num_frames, num_clips, clip_len, stride):
     starts = sample_clip_starts(num_frames, num_clips, clip_len, stride)
     span = (clip_len - 1) * stride + 1
@@ -134,7 +136,12 @@ def test_variable_frame_rate_maps_by_timestamp(tmp_path):
 def quadrant_with_red(img: np.ndarray) -> str:
     h, w = img.shape[:2]
     red = (img[..., 0] > 180) & (img[..., 1] < 90)
-    q = {"tl": red[: h // 2, : w // 2], "tr": red[: h // 2, w // 2 :], "bl": red[h // 2 :, : w // 2], "br": red[h // 2 :, w // 2 :]}
+    q = {
+        "tl": red[: h // 2, : w // 2],
+        "tr": red[: h // 2, w // 2 :],
+        "bl": red[h // 2 :, : w // 2],
+        "br": red[h // 2 :, w // 2 :],
+    }
     return max(q, key=lambda k: q[k].mean())
 
 
@@ -252,7 +259,10 @@ def test_batch_udf_in_ray_data(ray_session, tmp_path):
     root = make_video_demo(tmp_path / "demo", n_per_class=1, size=32, frames=8, classes=("up", "down"))
     paths = sorted(str(p) for p in root.rglob("*.mp4")) + [str(tmp_path / "missing.mp4")]
     ds = ray_session.data.from_items([{"path": p} for p in paths]).map_batches(
-        decode_video_batch, fn_kwargs=dict(num_clips=2, clip_len=4, stride=1, size=16), batch_size=2, batch_format="numpy"
+        decode_video_batch,
+        fn_kwargs=dict(num_clips=2, clip_len=4, stride=1, size=16),
+        batch_size=2,
+        batch_format="numpy",
     )
     rows = sorted(ds.take_all(), key=lambda r: r["path"])
     assert [r["error"] == "" for r in rows] == [True, True, False]
@@ -327,7 +337,9 @@ def test_demo_spin_turns_one_way_in_place_and_slows(seed):
 def test_demo_shake_and_orbit_fade_out():
     _, cover = render_clip("shake", 64, 12, np.random.default_rng(0), objects=1)
     step = step_yx(cover)
-    assert np.abs(step[:, 0]).max() < 0.5 and np.abs(step[:4, 1]).sum() > 2 * np.abs(step[-4:, 1]).sum()  # horizontal, damped
+    assert (
+        np.abs(step[:, 0]).max() < 0.5 and np.abs(step[:4, 1]).sum() > 2 * np.abs(step[-4:, 1]).sum()
+    )  # horizontal, damped
     assert (np.diff(np.sign(step[:6, 1])) != 0).any()  # goes back and forth
     _, cover = render_clip("orbit", 64, 12, np.random.default_rng(0), objects=1)
     step = step_yx(cover)
@@ -351,7 +363,9 @@ def test_demo_writes_decodable_videos_per_class(tmp_path):
     make_video_demo(tmp_path / "demo", n_per_class=1, size=32, frames=12, fps=8, classes=("up",))  # other settings:
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == [".complete", "up"]  # the old set is replaced whole
     assert len(list((tmp_path / "demo").rglob("*.mp4"))) == 1
-    odd = make_video_demo(tmp_path / "odd", n_per_class=1, size=15, frames=4, classes=("spin",))  # yuv444p: odd sizes work
+    odd = make_video_demo(
+        tmp_path / "odd", n_per_class=1, size=15, frames=4, classes=("spin",)
+    )  # yuv444p: odd sizes work
     assert probe_video(next(odd.rglob("*.mp4")).read_bytes())["width"] == 15
 
 

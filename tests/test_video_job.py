@@ -1,4 +1,5 @@
 """The whole video job end to end on tiny generated MP4s, on the session's real local Ray."""
+
 import json
 from pathlib import Path
 
@@ -7,20 +8,36 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from helpers import write_audio_only
 
 from cf_ray.config import JobConfig, load_config
 from cf_ray.demo_video import MOTIONS, make_video_demo_splits
 from cf_ray.pipeline import run_job
-from helpers import write_audio_only
 
 TINY = [
-    "modality=video", "video.size=16", "video.clip_len=4", "video.stride=1", "video.num_clips=2",
-    "pretrain.proxy=arrow_of_time", "pretrain.train.model.width=4", "retrain.model.width=4",
-    "pretrain.train.epochs=1", "retrain.epochs=1", "pretrain.train.batch_size=8", "retrain.batch_size=8",
-    "extract.batch_size=8", "extract.block_rows=8", "cluster.k=4", "cluster.niter=5",
-    "probe.epochs=20", "probe.weight_decays=[0.001]",
+    "modality=video",
+    "video.size=16",
+    "video.clip_len=4",
+    "video.stride=1",
+    "video.num_clips=2",
+    "pretrain.proxy=arrow_of_time",
+    "pretrain.train.model.width=4",
+    "retrain.model.width=4",
+    "pretrain.train.epochs=1",
+    "retrain.epochs=1",
+    "pretrain.train.batch_size=8",
+    "retrain.batch_size=8",
+    "extract.batch_size=8",
+    "extract.block_rows=8",
+    "cluster.k=4",
+    "cluster.niter=5",
+    "probe.epochs=20",
+    "probe.weight_decays=[0.001]",
     # The GPU settings (bf16 autocast, channels_last_3d) forced on CPU for retraining and extraction.
-    "retrain.precision=bf16", "retrain.channels_last=yes", "extract.precision=bf16", "extract.channels_last=yes",
+    "retrain.precision=bf16",
+    "retrain.channels_last=yes",
+    "extract.precision=bf16",
+    "extract.channels_last=yes",
 ]
 
 
@@ -50,7 +67,9 @@ def test_video_job_end_to_end_and_resume(ray_session, demo):
         assert all(v["n_train"] == v["n_test"] == 2 * len(MOTIONS) for v in m.values())
 
     # Features: a video-level column (mean over clips) and the per-clip features, for every model and dataset.
-    for model, dataset in [("pretrained", "source")] + [(m, d) for m in out["transfer"]["target"] for d in ("target_train", "target_test")]:
+    for model, dataset in [("pretrained", "source")] + [
+        (m, d) for m in out["transfer"]["target"] for d in ("target_train", "target_test")
+    ]:
         t = pq.read_table(run / "features" / model / dataset)
         for layer, dim in (("res3", 8), ("res4", 16), ("res5", 32)):  # width 4: 2w, 4w, 8w
             video, clips = t.schema.field(f"feat_{layer}").type, t.schema.field(f"clipfeat_{layer}").type
@@ -64,7 +83,9 @@ def test_video_job_end_to_end_and_resume(ray_session, demo):
     # The bad inputs: skipped with their reasons, once each, never clustered.
     source = pq.read_table(run / "features" / "pretrained" / "source")
     bad = {Path(p).name for p, e in zip(source["path"].to_pylist(), source["error"].to_pylist()) if e}
-    assert bad == {"broken.mp4", "voice.mp4"} and source.filter(pc.equal(source["error"], ""))["feat_res5"].null_count == 0
+    assert (
+        bad == {"broken.mp4", "voice.mp4"} and source.filter(pc.equal(source["error"], ""))["feat_res5"].null_count == 0
+    )
     errors = pq.read_table(run / "errors.parquet").to_pylist()
     reasons = {Path(e["path"]).name: e["error"] for e in errors}
     assert "not a readable video container" in reasons["broken.mp4"]
@@ -81,9 +102,14 @@ def test_video_job_end_to_end_and_resume(ray_session, demo):
     assert load_config(JobConfig, run / "config.yaml") == cfg
 
     # A rerun resumes: every done stage is skipped, outputs are untouched.
-    mtimes = {p: p.stat().st_mtime_ns for p in [run / "cluster" / "assignments.parquet", *sorted((run / "features").rglob("*.parquet"))]}
+    mtimes = {
+        p: p.stat().st_mtime_ns
+        for p in [run / "cluster" / "assignments.parquet", *sorted((run / "features").rglob("*.parquet"))]
+    }
     again = run_job(cfg)
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
     after = json.loads((run / "manifest.json").read_text())["stages"]
-    assert {k: v for k, v in after.items() if k != "report"} == {k: v for k, v in manifest["stages"].items() if k != "report"}
+    assert {k: v for k, v in after.items() if k != "report"} == {
+        k: v for k, v in manifest["stages"].items() if k != "report"
+    }
     assert again["transfer"] == out["transfer"]

@@ -1,4 +1,5 @@
 """Video backbones: taps, widths, stems, torchvision weight layout, config integration."""
+
 import pytest
 import torch
 
@@ -103,7 +104,9 @@ def test_gpu_step_settings_run_on_cpu(arch, shape):
         loss = torch.nn.functional.cross_entropy(logits.float(), torch.tensor([0, 1, 2, 0]))
     loss.backward()
     assert logits.dtype == torch.bfloat16 and torch.isfinite(loss)
-    assert all(p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert all(
+        p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters()
+    )
     if len(shape) == 5:
         with pytest.raises(RuntimeError, match="rank 4"):
             x.contiguous(memory_format=torch.channels_last)

@@ -1,9 +1,21 @@
 """Is faiss's bundled BLAS running generic kernels? (A ~4x slower k-means search on recent Xeons.)"""
+
 from __future__ import annotations
 
 import os
 
-GENERIC_BLAS = {"Prescott", "Core2", "Penryn", "Dunnington", "Nehalem", "Atom", "Katmai", "Coppermine", "Northwood", "Banias"}
+GENERIC_BLAS = {
+    "Prescott",
+    "Core2",
+    "Penryn",
+    "Dunnington",
+    "Nehalem",
+    "Atom",
+    "Katmai",
+    "Coppermine",
+    "Northwood",
+    "Banias",
+}
 
 
 def faiss_blas_note() -> str | None:
@@ -19,7 +31,11 @@ def faiss_blas_note() -> str | None:
         import faiss  # noqa: F401  (loads its BLAS)
         from threadpoolctl import threadpool_info
 
-        archs = {i.get("architecture") for i in threadpool_info() if i.get("internal_api") == "openblas" and "faiss" in i.get("filepath", "")}
+        archs = {
+            i.get("architecture")
+            for i in threadpool_info()
+            if i.get("internal_api") == "openblas" and "faiss" in i.get("filepath", "")
+        }
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except (ImportError, OSError):
@@ -28,5 +44,7 @@ def faiss_blas_note() -> str | None:
     generic = archs & GENERIC_BLAS
     if not (target and generic):
         return None
-    return (f"faiss's bundled OpenBLAS uses generic {generic.pop()} kernels on this {target}-class CPU; export "
-            f"OPENBLAS_CORETYPE={target} before starting the driver and Ray for a several-fold faster k-means search")
+    return (
+        f"faiss's bundled OpenBLAS uses generic {generic.pop()} kernels on this {target}-class CPU; export "
+        f"OPENBLAS_CORETYPE={target} before starting the driver and Ray for a several-fold faster k-means search"
+    )

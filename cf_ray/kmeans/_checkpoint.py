@@ -8,6 +8,7 @@ Layout under the checkpoint folder (any storage URI):
 state.json is written last and names its centroids file, so a crash between the two writes leaves the
 previous consistent state; older centroid files are deleted afterwards.
 """
+
 from __future__ import annotations
 
 import io
@@ -49,10 +50,18 @@ def save_transform(uri: str, transform: dict) -> None:
 def save_state(uri: str, state: FitState, fingerprint: dict) -> None:
     name = f"centroids-{state.iteration:05d}.npy"
     storage.write_bytes(storage.join(uri, name), _npy_bytes(state.centroids))
-    previous = storage.read_json(storage.join(uri, STATE))["centroids"] if storage.exists(storage.join(uri, STATE)) else None
+    previous = (
+        storage.read_json(storage.join(uri, STATE))["centroids"] if storage.exists(storage.join(uri, STATE)) else None
+    )
     storage.write_json(
         storage.join(uri, STATE),
-        {"iteration": state.iteration, "converged": state.converged, "centroids": name, "fingerprint": fingerprint, "history": state.history},
+        {
+            "iteration": state.iteration,
+            "converged": state.converged,
+            "centroids": name,
+            "fingerprint": fingerprint,
+            "history": state.history,
+        },
     )
     if previous and previous != name:
         fs, p = storage.resolve(storage.join(uri, previous))
@@ -68,7 +77,9 @@ def load_state(uri: str, fingerprint: dict) -> FitState | None:
     diff = {k: (s["fingerprint"].get(k), v) for k, v in fingerprint.items() if s["fingerprint"].get(k) != v}
     if diff:
         detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
-        raise CheckpointMismatch(f"checkpoint {uri} belongs to another k-means fit ({detail}); delete it or use another folder")
+        raise CheckpointMismatch(
+            f"checkpoint {uri} belongs to another k-means fit ({detail}); delete it or use another folder"
+        )
     centroids = np.load(io.BytesIO(storage.read_bytes(storage.join(uri, s["centroids"]))), allow_pickle=False)
     transform = None
     if storage.exists(storage.join(uri, TRANSFORM)):

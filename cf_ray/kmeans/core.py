@@ -1,4 +1,5 @@
 """Pure k-means helpers: numpy in, numpy out."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -130,13 +131,15 @@ def sums_by_label(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
 
     sums = np.zeros((k, x.shape[1]), dtype=np.float64)
     for s in range(0, len(x), SUM_BLOCK_ROWS):
-        lab = labels[s:s + SUM_BLOCK_ROWS]
+        lab = labels[s : s + SUM_BLOCK_ROWS]
         onehot = sp.csc_matrix((np.ones(len(lab), np.float32), lab, np.arange(len(lab) + 1)), shape=(k, len(lab)))
-        sums += onehot @ np.asarray(x[s:s + SUM_BLOCK_ROWS], dtype=np.float32)
+        sums += onehot @ np.asarray(x[s : s + SUM_BLOCK_ROWS], dtype=np.float32)
     return sums
 
 
-def partial_stats(x: np.ndarray, centroids: np.ndarray, spherical: bool = False, index=None) -> tuple[np.ndarray, np.ndarray, float]:
+def partial_stats(
+    x: np.ndarray, centroids: np.ndarray, spherical: bool = False, index=None
+) -> tuple[np.ndarray, np.ndarray, float]:
     """One shard's share of a Lloyd iteration: (sums (k,d) float64, counts (k,) int64, objective).
 
     The objective is the summed squared distance (or inner product when spherical) to the nearest
@@ -207,7 +210,7 @@ def centred_gram(x: np.ndarray, mean: np.ndarray) -> np.ndarray:
     """(x - mean)^T (x - mean) in float64, in row blocks so the float64 copy stays small."""
     g = np.zeros((x.shape[1], x.shape[1]), dtype=np.float64)
     for s in range(0, len(x), CHUNK_ROWS):
-        xc = x[s:s + CHUNK_ROWS].astype(np.float64) - mean
+        xc = x[s : s + CHUNK_ROWS].astype(np.float64) - mean
         g += xc.T @ xc
     return g
 
@@ -216,5 +219,5 @@ def pca_whiten_apply_blocks(x: np.ndarray, t: dict) -> np.ndarray:
     """pca_whiten_apply in row blocks (bounded temporaries); returns a new float32 array."""
     out = np.empty((len(x), t["proj"].shape[1]), dtype=np.float32)
     for s in range(0, len(x), CHUNK_ROWS):
-        out[s:s + CHUNK_ROWS] = pca_whiten_apply(x[s:s + CHUNK_ROWS], t)
+        out[s : s + CHUNK_ROWS] = pca_whiten_apply(x[s : s + CHUNK_ROWS], t)
     return out

@@ -8,6 +8,7 @@ actor, so memory is bounded by what each actor holds (its rows, float32) plus k 
 Rows are numbered globally in sorted-file order and files go to actors in contiguous blocks, so the
 seeded initial sample, and hence the result, does not depend on the number of actors.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,6 +37,7 @@ class ShardError(RuntimeError):
 
 
 # --- reading feature shards ------------------------------------------------------------------------
+
 
 def list_feature_files(uri: str) -> list[str]:
     """The part files of an extract output folder (names starting with '_' or '.' are metadata)."""
@@ -84,7 +86,7 @@ def read_shard(files: list[str], layer: str, l2: bool, batch_rows: int = 65536) 
                 if feat.null_count:
                     raise ShardError(f"{f}: {feat.null_count} rows have error == '' but no {col} vector")
                 block = feat.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
-                x[pos:pos + len(block)] = core.l2_normalize(block) if l2 else block
+                x[pos : pos + len(block)] = core.l2_normalize(block) if l2 else block
                 ids.append(batch["id"].cast(pa.string()))
                 pos += len(block)
     pa.default_memory_pool().release_unused()
@@ -92,6 +94,7 @@ def read_shard(files: list[str], layer: str, l2: bool, batch_rows: int = 65536) 
 
 
 # --- the actor -----------------------------------------------------------------------------------
+
 
 class ShardActor:
     """Holds some files' rows in memory; everything it computes is a function of its call arguments.
@@ -114,9 +117,17 @@ class ShardActor:
     def info(self) -> dict:
         import resource
 
-        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "rows": len(self.x),
-                "dim": int(self.x.shape[1]), "gpu": self.use_gpu, "token": self.token, "blas_note": self.blas_note,
-                "bytes": int(self.x.nbytes), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        return {
+            "pid": os.getpid(),
+            "node": ray.get_runtime_context().get_node_id(),
+            "rows": len(self.x),
+            "dim": int(self.x.shape[1]),
+            "gpu": self.use_gpu,
+            "token": self.token,
+            "blas_note": self.blas_note,
+            "bytes": int(self.x.nbytes),
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
 
     def column_sum(self) -> np.ndarray:
         self._require_raw()
@@ -130,8 +141,14 @@ class ShardActor:
         self._ensure(token, transform)
         return self.x[local_idx]
 
-    def step(self, centroids: np.ndarray, token: str | None, transform: dict | None, spherical: bool,
-             subset: tuple[str, np.ndarray] | None = None):
+    def step(
+        self,
+        centroids: np.ndarray,
+        token: str | None,
+        transform: dict | None,
+        spherical: bool,
+        subset: tuple[str, np.ndarray] | None = None,
+    ):
         """(sums float32 (k,d), counts (k,), objective, seconds) of this shard's rows (or of the ``subset``
         (key, local row indices) being trained on) against the centroids."""
         self._ensure(token, transform)
@@ -140,7 +157,9 @@ class ShardActor:
         sums, counts, obj = core.partial_stats(x, centroids, spherical, self._index(centroids, spherical))
         return sums.astype(np.float32), counts, obj, time.time() - t0
 
-    def write_assignments(self, centroids: np.ndarray, token: str | None, transform: dict | None, spherical: bool, path: str):
+    def write_assignments(
+        self, centroids: np.ndarray, token: str | None, transform: dict | None, spherical: bool, path: str
+    ):
         """Write (id, cluster, distance = squared L2) of this shard to ``path``; return (sizes, sum of distance)."""
         self._ensure(token, transform)
         labels, score = core.nearest(self.x, centroids, spherical, self._index(centroids, spherical))
@@ -171,7 +190,9 @@ class ShardActor:
         if token == self.token:
             return
         if self.token is not None:
-            raise ShardError(f"actor rows are whitened with transform {self.token}, asked for {token}; start a new ShardPool")
+            raise ShardError(
+                f"actor rows are whitened with transform {self.token}, asked for {token}; start a new ShardPool"
+            )
         self.x = core.pca_whiten_apply_blocks(self.x, transform)
         self.token = token
 
@@ -189,6 +210,7 @@ class ShardActor:
 
 
 # --- the driver's handle on the actors -------------------------------------------------------------
+
 
 def _add(acc, r):
     return r if acc is None else acc + r
@@ -211,7 +233,10 @@ def _gpu_wanted(use_gpu: bool | None) -> bool:
     has_faiss_gpu = hasattr(faiss, "StandardGpuResources")
     cluster_gpu = ray.cluster_resources().get("GPU", 0) > 0
     if use_gpu and not (has_faiss_gpu and cluster_gpu):
-        raise ShardError(f"use_gpu=True but {'faiss has no GPU support (faiss-cpu installed)' if cluster_gpu else 'the Ray cluster has no GPU'}")
+        raise ShardError(
+            "use_gpu=True but "
+            + ("faiss has no GPU support (faiss-cpu installed)" if cluster_gpu else "the Ray cluster has no GPU")
+        )
     return bool(use_gpu) if use_gpu is not None else (has_faiss_gpu and cluster_gpu)
 
 
@@ -222,8 +247,18 @@ class ShardPool:
     if it is still lost the driver replaces it and re-issues the call (``max_reissues`` per actor).
     """
 
-    def __init__(self, files: list[str], layer: str, num_actors: int, cpus_per_actor: float = 1, l2: bool = True,
-                 use_gpu: bool | None = None, max_restarts: int = 3, max_reissues: int = 2, start_timeout_s: float = 300):
+    def __init__(
+        self,
+        files: list[str],
+        layer: str,
+        num_actors: int,
+        cpus_per_actor: float = 1,
+        l2: bool = True,
+        use_gpu: bool | None = None,
+        max_restarts: int = 3,
+        max_reissues: int = 2,
+        start_timeout_s: float = 300,
+    ):
         if not ray.is_initialized():
             raise RuntimeError("ShardPool needs Ray: call cf_ray.runtime.init_ray() first")
         if not files:
@@ -234,7 +269,10 @@ class ShardPool:
         self.gpu = _gpu_wanted(use_gpu)
         self.layer, self.l2, self.max_reissues = layer, l2, max_reissues
         self._cls = ray.remote(ShardActor).options(
-            num_cpus=cpus_per_actor, num_gpus=1 if self.gpu else 0, max_restarts=max_restarts, max_task_retries=max_restarts
+            num_cpus=cpus_per_actor,
+            num_gpus=1 if self.gpu else 0,
+            max_restarts=max_restarts,
+            max_task_retries=max_restarts,
         )
         self._threads = max(1, int(round(cpus_per_actor)))
         self.actors = [self._new_actor(i) for i in range(len(self.parts))]
@@ -246,8 +284,11 @@ class ShardPool:
         self.n, self.d = int(self.offsets[-1]), int(infos[0]["dim"])
         self.token, self._transform_ref, self.transform = None, None, None
         self._subset_refs = None  # per-shard (key, local indices) while training on a subsample
-        log(f"kmeans[ray]: {self.n} rows x {self.d} ({layer}) in {len(self.files)} files on {len(self.actors)} actor(s), "
-            f"{cpus_per_actor} CPU{' + 1 GPU' if self.gpu else ''} each")
+        log(
+            f"kmeans[ray]: {self.n} rows x {self.d} ({layer}) in {len(self.files)} files on {len(self.actors)} "
+            f"actor(s), "
+            f"{cpus_per_actor} CPU{' + 1 GPU' if self.gpu else ''} each"
+        )
         for note in sorted({i["blas_note"] for i in infos if i["blas_note"]}):
             log(f"kmeans[ray]: note: {note}")
 
@@ -259,8 +300,10 @@ class ShardPool:
             free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
             self.shutdown()
             raise ShardError(
-                f"{len(refs) - len(ready)} of {len(refs)} k-means shard actors did not start within {timeout_s:.0f} s; each needs "
-                f"{cpus} CPU{' and 1 GPU' if self.gpu else ''}, the cluster has {free} free: lower num_actors or cpus_per_actor"
+                f"{len(refs) - len(ready)} of {len(refs)} k-means shard actors did not start within {timeout_s:.0f} "
+                f"s; each needs "
+                f"{cpus} CPU{' and 1 GPU' if self.gpu else ''}, the cluster has {free} free: lower num_actors or "
+                f"cpus_per_actor"
             )
 
     def _new_actor(self, i: int):
@@ -268,18 +311,24 @@ class ShardPool:
 
     def _replace(self, i: int, err: Exception) -> None:
         if self.reissues[i] >= self.max_reissues:
-            raise ShardError(f"shard {i} ({len(self.parts[i])} files from {self.parts[i][0]}) failed {self.reissues[i] + 1} times: {err}") from err
+            raise ShardError(
+                f"shard {i} ({len(self.parts[i])} files from {self.parts[i][0]}) failed {self.reissues[i] + 1} "
+                f"times: {err}"
+            ) from err
         self.reissues[i] += 1
         log(f"kmeans[ray]: shard {i} lost ({type(err).__name__}); starting a new actor and re-issuing the call")
         ray.kill(self.actors[i], no_restart=True)
         self.actors[i] = self._new_actor(i)
 
-    def call(self, method: str, *args, per_shard: Callable[[int], tuple] | None = None, combine: Callable | None = None):
+    def call(
+        self, method: str, *args, per_shard: Callable[[int], tuple] | None = None, combine: Callable | None = None
+    ):
         """Call ``method`` on every actor; results in shard order (list), or folded by ``combine(acc, r)``.
 
         The fold starts from acc=None and runs in shard order (results arriving early wait in a buffer),
         so it is deterministic. ``per_shard(i)`` gives actor-specific extra arguments.
         """
+
         def submit(i):
             return getattr(self.actors[i], method).remote(*args, *(per_shard(i) if per_shard else ()))
 
@@ -337,14 +386,25 @@ class ShardPool:
         """Combined (sums float64, counts, objective, slowest shard's seconds) of one Lloyd iteration."""
         ref = ray.put(np.ascontiguousarray(centroids, dtype=np.float32))
         subsets = self._subset_refs
-        return self.call("step", ref, self.token, self._transform_ref, spherical,
-                         per_shard=(lambda i: (subsets[i],)) if subsets else None, combine=_add_step)
+        return self.call(
+            "step",
+            ref,
+            self.token,
+            self._transform_ref,
+            spherical,
+            per_shard=(lambda i: (subsets[i],)) if subsets else None,
+            combine=_add_step,
+        )
 
     def write_assignments(self, out_dir: str, centroids: np.ndarray, spherical: bool) -> tuple[np.ndarray, float]:
         """Every actor writes ``out_dir/part-NNNNN.parquet``; returns (cluster sizes, summed squared distance)."""
         ref = ray.put(np.ascontiguousarray(centroids, dtype=np.float32))
         return self.call(
-            "write_assignments", ref, self.token, self._transform_ref, spherical,
+            "write_assignments",
+            ref,
+            self.token,
+            self._transform_ref,
+            spherical,
             per_shard=lambda i: (storage.join(out_dir, f"part-{i:05d}.parquet"),),
             combine=lambda acc, r: r if acc is None else (acc[0] + r[0], acc[1] + r[1]),
         )
@@ -356,6 +416,7 @@ class ShardPool:
 
 
 # --- the fit --------------------------------------------------------------------------------------
+
 
 def fit_transform(pool: ShardPool, pca_dim: int) -> dict:
     """PCA-whitening from shard moments: sum, then the centred X^T X (two passes, numerically safe)."""
@@ -392,27 +453,46 @@ def initial_centroids(pool: ShardPool, k: int, init: str, seed: int, among: np.n
 def _transform_for(pool: ShardPool, pca_dim: int | None) -> dict | None:
     """The pool's whitening if it already has one of this size (it depends only on the rows), else a new fit."""
     if pool.transform is not None and (not pca_dim or pool.transform["proj"].shape[1] != pca_dim):
-        raise ValueError(f"this ShardPool's rows are whitened to {pool.d} dims, the fit asks for pca_dim={pca_dim}; use a new ShardPool")
+        raise ValueError(
+            f"this ShardPool's rows are whitened to {pool.d} dims, the fit asks for pca_dim={pca_dim}; use a new "
+            f"ShardPool"
+        )
     if not pca_dim:
         return None
     return pool.transform if pool.transform is not None else fit_transform(pool, pca_dim)
 
 
 def _fingerprint(pool: ShardPool, cfg, init_centroids: np.ndarray | None) -> dict:
-    given = hashlib.sha1(np.ascontiguousarray(init_centroids, dtype=np.float32).tobytes()).hexdigest() if init_centroids is not None else None
+    given = (
+        hashlib.sha1(np.ascontiguousarray(init_centroids, dtype=np.float32).tobytes()).hexdigest()
+        if init_centroids is not None
+        else None
+    )
     return {
-        "files": [os.path.basename(f) for f in pool.files], "n": pool.n, "layer": pool.layer, "k": cfg.k, "seed": cfg.seed,
-        "init": cfg.init, "init_centroids": given, "spherical": cfg.spherical, "l2_normalize": cfg.l2_normalize, "pca_dim": cfg.pca_dim,
+        "files": [os.path.basename(f) for f in pool.files],
+        "n": pool.n,
+        "layer": pool.layer,
+        "k": cfg.k,
+        "seed": cfg.seed,
+        "init": cfg.init,
+        "init_centroids": given,
+        "spherical": cfg.spherical,
+        "l2_normalize": cfg.l2_normalize,
+        "pca_dim": cfg.pca_dim,
         "max_points_per_centroid": cfg.max_points_per_centroid,
     }
 
 
-def _start(pool: ShardPool, cfg, checkpoint_uri: str | None, init_centroids: np.ndarray | None, fingerprint: dict) -> ckpt.FitState:
+def _start(
+    pool: ShardPool, cfg, checkpoint_uri: str | None, init_centroids: np.ndarray | None, fingerprint: dict
+) -> ckpt.FitState:
     subset = training_rows(pool.n, cfg.k, cfg.max_points_per_centroid, cfg.seed)
     pool.set_subset(subset)
     if subset is not None:
-        log(f"kmeans[ray]: training on a seeded sample of {len(subset)} of {pool.n} rows (max_points_per_centroid="
-            f"{cfg.max_points_per_centroid}); every row is assigned at the end")
+        log(
+            f"kmeans[ray]: training on a seeded sample of {len(subset)} of {pool.n} rows (max_points_per_centroid="
+            f"{cfg.max_points_per_centroid}); every row is assigned at the end"
+        )
     state = ckpt.load_state(checkpoint_uri, fingerprint) if checkpoint_uri else None
     if state is not None:
         pool.set_transform(state.transform)
@@ -440,22 +520,38 @@ def _converged(history: list[dict], tol: float) -> bool:
     return abs(prev - cur) <= tol * max(abs(prev), 1e-30)
 
 
-def lloyd_iteration(pool: ShardPool, centroids: np.ndarray, it: int, seed: int, spherical: bool) -> tuple[np.ndarray, dict]:
+def lloyd_iteration(
+    pool: ShardPool, centroids: np.ndarray, it: int, seed: int, spherical: bool
+) -> tuple[np.ndarray, dict]:
     """One assignment + update; the split RNG is seeded by (seed, it) so a resumed fit draws the same."""
     t0 = time.time()
     sums, counts, obj, t_search = pool.step(centroids, spherical)
     rng = np.random.default_rng([_seed(seed), it])
     new, nsplit = core.update_centroids(sums, counts, centroids, rng, spherical)
     rec = {
-        "iter": it, "obj": obj, "imbalance": core.imbalance_factor(counts), "nsplit": nsplit,
-        "empty": int((counts == 0).sum()), "time": round(time.time() - t0, 4), "time_search": round(t_search, 4),
+        "iter": it,
+        "obj": obj,
+        "imbalance": core.imbalance_factor(counts),
+        "nsplit": nsplit,
+        "empty": int((counts == 0).sum()),
+        "time": round(time.time() - t0, 4),
+        "time_search": round(t_search, 4),
     }
     return new, rec
 
 
-def fit_distributed(files: list[str], layer: str, cfg, num_actors: int, cpus_per_actor: float, checkpoint_uri: str | None = None,
-                    *, pool: ShardPool | None = None, init_centroids: np.ndarray | None = None,
-                    callback: Callable[[dict], None] | None = None) -> tuple[np.ndarray, list[dict]]:
+def fit_distributed(
+    files: list[str],
+    layer: str,
+    cfg,
+    num_actors: int,
+    cpus_per_actor: float,
+    checkpoint_uri: str | None = None,
+    *,
+    pool: ShardPool | None = None,
+    init_centroids: np.ndarray | None = None,
+    callback: Callable[[dict], None] | None = None,
+) -> tuple[np.ndarray, list[dict]]:
     """Lloyd's k-means over Ray actors; returns (centroids float32 (k, d'), per-iteration history).
 
     ``cfg`` is a ClusterConfig (k, niter, seed, tol, init, spherical, l2_normalize, pca_dim and
@@ -485,7 +581,10 @@ def fit_distributed(files: list[str], layer: str, cfg, num_actors: int, cpus_per
             if checkpoint_uri:
                 ckpt.save_state(checkpoint_uri, state, fingerprint)
             metrics.kmeans_iteration(rec["obj"], layer)
-            log(f"kmeans[ray] it {it}: obj {rec['obj']:.6g} imbalance {rec['imbalance']:.3f} nsplit {rec['nsplit']} {rec['time']:.2f}s")
+            log(
+                f"kmeans[ray] it {it}: obj {rec['obj']:.6g} imbalance {rec['imbalance']:.3f} nsplit {rec['nsplit']} "
+                f"{rec['time']:.2f}s"
+            )
             if callback:
                 callback(rec)
         return state.centroids, state.history

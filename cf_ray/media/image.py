@@ -3,6 +3,7 @@
 Decoding is a Ray Data function UDF: a bad file never fails its block; it gets an all-zero image and
 a non-empty ``error`` string, and the extraction stage records it in the run's errors table.
 """
+
 from __future__ import annotations
 
 import io

@@ -8,6 +8,7 @@ keyframe before the first needed frame, decode forward, stop after the last one.
 ``decode_video_batch`` is a Ray Data function UDF: a bad file never fails its block; it gets all-zero
 clips and a non-empty ``error`` string, like ``cf_ray.media.image.decode_images``.
 """
+
 from __future__ import annotations
 
 import io
@@ -49,7 +50,9 @@ def sample_clip_starts(
     frame); "loop" spreads the starts evenly round the video, from 0 (the decoder wraps to frame 0).
     """
     if num_frames < 1 or num_clips < 1 or clip_len < 1 or stride < 1:
-        raise ValueError(f"need num_frames, num_clips, clip_len, stride >= 1, got {num_frames}, {num_clips}, {clip_len}, {stride}")
+        raise ValueError(
+            f"need num_frames, num_clips, clip_len, stride >= 1, got {num_frames}, {num_clips}, {clip_len}, {stride}"
+        )
     if mode not in ("uniform", "random"):
         raise ValueError(f"unknown clip sampling mode {mode!r}; use 'uniform' or 'random'")
     if short not in ("loop", "pad"):
@@ -69,7 +72,9 @@ def sample_clip_starts(
     return [int(s) for s in np.round(np.linspace(0, max_start, num_clips))]
 
 
-def clip_frame_indices(starts: list[int], clip_len: int, stride: int, num_frames: int, short: Short = "loop") -> np.ndarray:
+def clip_frame_indices(
+    starts: list[int], clip_len: int, stride: int, num_frames: int, short: Short = "loop"
+) -> np.ndarray:
     """(len(starts), clip_len) grid-frame indices, all within [0, num_frames): looped or padded at the end."""
     idx = np.asarray(starts, dtype=np.int64)[:, None] + stride * np.arange(clip_len, dtype=np.int64)[None, :]
     return idx % num_frames if short == "loop" else np.minimum(idx, num_frames - 1)
@@ -162,8 +167,9 @@ def _rotation(frame: av.VideoFrame, stream) -> int:
 # --------------------------------------------------------------------------- decoding
 
 
-def _decode_wanted(data: bytes, wanted: np.ndarray, tl: _Timeline, convert: Callable, cancel: threading.Event,
-                   seek: bool = True) -> dict[int, np.ndarray]:
+def _decode_wanted(
+    data: bytes, wanted: np.ndarray, tl: _Timeline, convert: Callable, cancel: threading.Event, seek: bool = True
+) -> dict[int, np.ndarray]:
     """Decode forward (after a keyframe seek) until every wanted pts has its frame: {pts: convert(frame, stream)}."""
     container, stream = _open(data)
     got: dict[int, np.ndarray] = {}
@@ -212,8 +218,9 @@ def _to_rgb(frame: av.VideoFrame, stream, size: int, resize: int, scaler: VideoR
     sw, sh = (nh, nw) if rot in (90, 270) else (nw, nh)
     # One reformatter per video keeps its swscale context (a new one per frame costs more than the scaling);
     # one thread, as a Ray task has one CPU.
-    img = scaler.reformat(frame, width=sw, height=sh, format="rgb24", interpolation="AREA" if scale < 1 else "BILINEAR",
-                          threads=1).to_ndarray()
+    img = scaler.reformat(
+        frame, width=sw, height=sh, format="rgb24", interpolation="AREA" if scale < 1 else "BILINEAR", threads=1
+    ).to_ndarray()
     if rot:
         img = np.rot90(img, k=rot // 90)
     top, left = (nh - size) // 2, (nw - size) // 2
@@ -334,8 +341,18 @@ def decode_video_batch(
     errors = [""] * n
     for i, path in enumerate(batch["path"]):
         try:
-            clips[i] = decode_clips(storage.read_bytes(str(path)), num_clips, clip_len, stride, size, resize, short,
-                                    mode=mode, seed=int(rng.integers(2**31)), timeout_s=timeout_s)
+            clips[i] = decode_clips(
+                storage.read_bytes(str(path)),
+                num_clips,
+                clip_len,
+                stride,
+                size,
+                resize,
+                short,
+                mode=mode,
+                seed=int(rng.integers(2**31)),
+                timeout_s=timeout_s,
+            )
         except ValueError as e:
             errors[i] = str(e)
         except OSError as e:

@@ -4,8 +4,11 @@ A backbone maps an input batch to a dict of pooled features per tap (``forward_f
 knows each tap's width (``feature_info``). Classification heads live outside the backbone, so a
 saved state_dict is just the backbone with plain keys.
 """
+
+from cf_ray.models import (
+    resnet,  # noqa: F401,E402  (registers image backbones)
+    video_resnet,  # noqa: F401,E402  (registers video backbones)
+)
 from cf_ray.models._registry import Backbone, backbone_modality, create_backbone, list_backbones, register_backbone
-from cf_ray.models import resnet  # noqa: F401,E402  (registers image backbones)
-from cf_ray.models import video_resnet  # noqa: F401,E402  (registers video backbones)
 
 __all__ = ["Backbone", "backbone_modality", "create_backbone", "list_backbones", "register_backbone"]

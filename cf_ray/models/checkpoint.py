@@ -2,6 +2,7 @@
 
 Loading never unpickles arbitrary objects: ``torch.load(weights_only=True)``.
 """
+
 from __future__ import annotations
 
 import io

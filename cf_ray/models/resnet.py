@@ -2,6 +2,7 @@
 
 Taps follow VISSL's names: res2..res5 are the outputs of the four stages, globally average-pooled.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,10 +21,15 @@ class ResNetBackbone(nn.Module):
         super().__init__()
         if stem == "imagenet":
             self.stem = nn.Sequential(
-                nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
+                nn.Conv2d(3, width, 7, 2, 3, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(3, 2, 1),
             )
         else:
-            self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+            )
         self._inplanes = width
         widths = [width, width * 2, width * 4, width * 8]
         self.stages = nn.ModuleList(

@@ -5,6 +5,7 @@ configurable width; at width=64 with the imagenet stem their state_dict keys and
 torchvision's ``r2plus1d_18`` (minus ``fc``), so its Kinetics weights import as they are.
 R(2+1)D-50 is pytorchvideo's ``create_r2plus1d`` (bottleneck blocks) without its classification head.
 """
+
 from __future__ import annotations
 
 import torch
@@ -59,7 +60,13 @@ class R2Plus1dBackbone(nn.Module):
         downsample = None
         if stride != 1 or self._inplanes != planes:
             downsample = nn.Sequential(
-                nn.Conv3d(self._inplanes, planes, kernel_size=1, stride=tvv.Conv2Plus1D.get_downsample_stride(stride), bias=False),
+                nn.Conv3d(
+                    self._inplanes,
+                    planes,
+                    kernel_size=1,
+                    stride=tvv.Conv2Plus1D.get_downsample_stride(stride),
+                    bias=False,
+                ),
                 nn.BatchNorm3d(planes),
             )
         mods = [tvv.BasicBlock(self._inplanes, planes, tvv.Conv2Plus1D, stride, downsample)]

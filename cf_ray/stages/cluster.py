@@ -9,6 +9,7 @@ backend=faiss runs faiss.Kmeans in this process on all features; backend=ray sha
 Ray actors (cf_ray.kmeans.distributed), checkpoints every iteration in ``out_uri/_checkpoint`` (a
 rerun resumes) and writes assignments.parquet as a folder of part files, one per actor.
 """
+
 from __future__ import annotations
 
 import io
@@ -38,8 +39,13 @@ def fit_faiss(x: np.ndarray, cfg: ClusterConfig) -> tuple[np.ndarray, list[dict]
     import faiss
 
     km = faiss.Kmeans(
-        x.shape[1], cfg.k, niter=cfg.niter, seed=cfg.seed, verbose=False,
-        max_points_per_centroid=cfg.max_points_per_centroid, min_points_per_centroid=1,
+        x.shape[1],
+        cfg.k,
+        niter=cfg.niter,
+        seed=cfg.seed,
+        verbose=False,
+        max_points_per_centroid=cfg.max_points_per_centroid,
+        min_points_per_centroid=1,
     )
     km.train(x)
     stats = km.iteration_stats
@@ -63,11 +69,15 @@ def run_cluster(cfg: ClusterConfig, features_uri: str, out_uri: str) -> dict:
         return storage.read_json(marker)
     require_complete(features_uri)
     t0 = time.time()
-    stats = _cluster_ray(cfg, features_uri, out_uri) if cfg.backend == "ray" else _cluster_faiss(cfg, features_uri, out_uri)
+    stats = (
+        _cluster_ray(cfg, features_uri, out_uri) if cfg.backend == "ray" else _cluster_faiss(cfg, features_uri, out_uri)
+    )
     stats["seconds"] = round(time.time() - t0, 2)
     stats["backend"] = cfg.backend
     storage.write_json(storage.join(out_uri, "stats.json"), stats)
-    summary = {k: stats[k] for k in ("n", "d", "k", "objective", "imbalance", "empty", "min_size", "max_size", "seconds")}
+    summary = {
+        k: stats[k] for k in ("n", "d", "k", "objective", "imbalance", "empty", "min_size", "max_size", "seconds")
+    }
     storage.write_json(marker, summary)
     log(f"cluster: objective {stats['objective']:.4g}, imbalance {stats['imbalance']:.3f}, empty {stats['empty']}")
     return summary
@@ -101,7 +111,9 @@ def _cluster_faiss(cfg: ClusterConfig, features_uri: str, out_uri: str) -> dict:
     _remove(path)
     fs, p = storage.resolve(path)
     pq.write_table(
-        pa.table({"id": pa.array(ids, pa.string()), "cluster": pa.array(labels), "distance": pa.array(dist)}), p, filesystem=fs
+        pa.table({"id": pa.array(ids, pa.string()), "cluster": pa.array(labels), "distance": pa.array(dist)}),
+        p,
+        filesystem=fs,
     )
     return stats
 
@@ -119,9 +131,14 @@ def _cluster_ray(cfg: ClusterConfig, features_uri: str, out_uri: str) -> dict:
     pool = ShardPool(files, cfg.layer, cfg.num_actors, cfg.cpus_per_actor, l2=cfg.l2_normalize)
     try:
         _check_size(pool.n, cfg.k, features_uri)
-        log(f"cluster: {pool.n} x {pool.d} features ({cfg.layer}) -> k={cfg.k}, niter={cfg.niter} on {len(pool.actors)} Ray actor(s)")
+        log(
+            f"cluster: {pool.n} x {pool.d} features ({cfg.layer}) -> k={cfg.k}, niter={cfg.niter} on "
+            f"{len(pool.actors)} Ray actor(s)"
+        )
         checkpoint = storage.join(out_uri, "_checkpoint")
-        centroids, history = fit_distributed(files, cfg.layer, cfg, cfg.num_actors, cfg.cpus_per_actor, checkpoint, pool=pool)
+        centroids, history = fit_distributed(
+            files, cfg.layer, cfg, cfg.num_actors, cfg.cpus_per_actor, checkpoint, pool=pool
+        )
         path = storage.join(out_uri, "assignments.parquet")
         _remove(path)  # parts of an earlier, interrupted run (maybe with more actors) must not survive
         sizes, objective = pool.write_assignments(path, centroids, cfg.spherical)

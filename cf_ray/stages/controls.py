@@ -3,6 +3,7 @@
 Both start from the pre-training run's last training state (backbone + proxy/label head), which Ray Train
 keeps under ``<run>/train/pretrain``.
 """
+
 from __future__ import annotations
 
 import io
@@ -25,7 +26,7 @@ def latest_state(train_dir: str) -> str:
     states = [i.path for i in infos if i.base_name == STATE]
     if not states:
         raise FileNotFoundError(f"no training checkpoint ({STATE}) under {train_dir}; the pre-training run kept none")
-    uris = [storage.join(train_dir, p[len(root):].lstrip("/")) for p in states]
+    uris = [storage.join(train_dir, p[len(root) :].lstrip("/")) for p in states]
     return max(uris, key=lambda u: _load(u)["epoch"])
 
 
@@ -41,8 +42,9 @@ def load_teacher(state_uri: str, model: ModelConfig, num_classes: int) -> Classi
     return net.eval()
 
 
-def soft_targets(teacher: Classifier, items: pa.Table, media: ImageConfig, task: str, temperature: float,
-                 batch_size: int = 256) -> pa.Table:
+def soft_targets(
+    teacher: Classifier, items: pa.Table, media: ImageConfig, task: str, temperature: float, batch_size: int = 256
+) -> pa.Table:
     """``items`` that decode, with a float ``target`` list: the teacher's softmax(logits / temperature).
 
     task=rotation: for each of the 4 rotations of the (upright, un-augmented) image, the teacher's

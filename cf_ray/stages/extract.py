@@ -10,6 +10,7 @@ rewrites the same name instead of adding a duplicate. The folder is complete onl
 (written last) exists; readers refuse it before. A rerun over an incomplete folder keeps the committed
 parts and extracts only the items none of them holds.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -65,13 +66,18 @@ def part_files(uri: str) -> list[str]:
     if fs.get_file_info(p).type != pafs.FileType.Directory:
         return []
     infos = fs.get_file_info(pafs.FileSelector(p))
-    return sorted(storage.join(uri, i.base_name) for i in infos
-                  if i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))
+    return sorted(
+        storage.join(uri, i.base_name)
+        for i in infos
+        if i.base_name.startswith("part-") and i.base_name.endswith(".parquet")
+    )
 
 
 def require_complete(uri: str) -> None:
     if not storage.exists(storage.join(uri, SUCCESS)):
-        raise IncompleteOutputError(f"{uri} has no {SUCCESS}: its extraction did not finish; rerun the job to resume it")
+        raise IncompleteOutputError(
+            f"{uri} has no {SUCCESS}: its extraction did not finish; rerun the job to resume it"
+        )
 
 
 def _keep_committed(out_uri: str, wanted: set[str]) -> set[str]:
@@ -113,9 +119,19 @@ def decoder(media: ImageConfig | VideoConfig) -> tuple:
     if isinstance(media, VideoConfig):
         from cf_ray.media.video import decode_video_batch
 
-        return decode_video_batch, {
-            "num_clips": media.num_clips, "clip_len": media.clip_len, "stride": media.stride, "size": media.size,
-            "resize": media.resize, "short": media.short, "timeout_s": media.timeout_s}, "clips"
+        return (
+            decode_video_batch,
+            {
+                "num_clips": media.num_clips,
+                "clip_len": media.clip_len,
+                "stride": media.stride,
+                "size": media.size,
+                "resize": media.resize,
+                "short": media.short,
+                "timeout_s": media.timeout_s,
+            },
+            "clips",
+        )
     return decode_images, {"size": media.size, "resize": media.resize}, "image"
 
 
@@ -139,16 +155,26 @@ def clip_feature_column(values: np.ndarray, ok: np.ndarray) -> pa.Array:
 class Extractor:
     """Ray Data callable class: loads the backbone once per actor."""
 
-    def __init__(self, model_uri: str, layers: list[str], mean, std, use_gpu: bool, threads: int,
-                 precision: str = "auto", channels_last: str = "auto"):
+    def __init__(
+        self,
+        model_uri: str,
+        layers: list[str],
+        mean,
+        std,
+        use_gpu: bool,
+        threads: int,
+        precision: str = "auto",
+        channels_last: str = "auto",
+    ):
         from cf_ray.models import backbone_modality
         from cf_ray.models.checkpoint import load_backbone
 
         torch.set_num_threads(max(1, threads))
         self.device = "cuda" if use_gpu else "cpu"
         self.model, model_cfg = load_backbone(model_uri)
-        self.format, self.autocast = step_settings(precision, channels_last, self.device,
-                                                   video=backbone_modality(model_cfg.arch) == "video")
+        self.format, self.autocast = step_settings(
+            precision, channels_last, self.device, video=backbone_modality(model_cfg.arch) == "video"
+        )
         self.model.eval().to(self.device)
         if self.format is not None:
             self.model.to(memory_format=self.format)
@@ -200,7 +226,9 @@ def items_dataset(items: pa.Table, block_rows: int) -> ray.data.Dataset:
     return ray.data.from_arrow(chunks)
 
 
-def run_extract(cfg: ExtractConfig, media: ImageConfig | VideoConfig, items_uri: str, model_uri: str, out_uri: str) -> dict:
+def run_extract(
+    cfg: ExtractConfig, media: ImageConfig | VideoConfig, items_uri: str, model_uri: str, out_uri: str
+) -> dict:
     """Features of every item (image or video) in ``items_uri`` with the backbone at ``model_uri`` into ``out_uri``."""
     marker = storage.join(out_uri, SUCCESS)
     if storage.exists(marker):
@@ -212,17 +240,26 @@ def run_extract(cfg: ExtractConfig, media: ImageConfig | VideoConfig, items_uri:
     todo = items.filter(pc.invert(pc.is_in(items["id"], pa.array(sorted(done), pa.string())))) if done else items
     gpu = want_gpu(cfg.use_gpu)
     resumed = f" (resuming: {len(done)} already in committed parts)" if done else ""
-    log(f"extract: {todo.num_rows} items{resumed}, layers {cfg.layers}, {cfg.num_actors} actor(s) on {'GPU' if gpu else 'CPU'} -> {out_uri}")
+    log(
+        f"extract: {todo.num_rows} items{resumed}, layers {cfg.layers}, "
+        f"{cfg.num_actors} actor(s) on {'GPU' if gpu else 'CPU'} -> {out_uri}"
+    )
     t0 = time.time()
     if todo.num_rows:
         _extract(cfg, media, todo, model_uri, out_uri, gpu)
     secs = time.time() - t0
     if _keep_committed(out_uri, wanted) != wanted:
-        raise RuntimeError(f"extract: {out_uri} does not hold every one of the {len(wanted)} items; refusing to mark it "
-                           "complete (rerun to extract the missing ones)")
+        raise RuntimeError(
+            f"extract: {out_uri} does not hold every one of the {len(wanted)} items; refusing to mark it "
+            "complete (rerun to extract the missing ones)"
+        )
     fs, p = storage.resolve(out_uri)
-    meta = pa.concat_tables([pq.read_table(storage.resolve(f)[1], filesystem=fs, columns=["id", "path", "error"])
-                             for f in part_files(out_uri)])
+    meta = pa.concat_tables(
+        [
+            pq.read_table(storage.resolve(f)[1], filesystem=fs, columns=["id", "path", "error"])
+            for f in part_files(out_uri)
+        ]
+    )
     bad = meta.filter(pc.not_equal(meta["error"], ""))
     buf = io.BytesIO()
     pq.write_table(bad, buf)
@@ -241,7 +278,9 @@ def run_extract(cfg: ExtractConfig, media: ImageConfig | VideoConfig, items_uri:
     return result
 
 
-def _extract(cfg: ExtractConfig, media: ImageConfig | VideoConfig, items: pa.Table, model_uri: str, out_uri: str, gpu: bool):
+def _extract(
+    cfg: ExtractConfig, media: ImageConfig | VideoConfig, items: pa.Table, model_uri: str, out_uri: str, gpu: bool
+):
     decode, decode_kwargs, _ = decoder(media)
     ds = items_dataset(items, cfg.block_rows).map_batches(
         decode, fn_kwargs=decode_kwargs, batch_size=cfg.batch_size, batch_format="numpy"
@@ -264,7 +303,9 @@ def _extract(cfg: ExtractConfig, media: ImageConfig | VideoConfig, items: pa.Tab
         num_cpus=cfg.cpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
     )
-    ds.set_name("extract_" + "_".join(out_uri.rstrip("/").split("/")[-2:]))  # e.g. extract_pretrained_source in the dashboard
+    ds.set_name(
+        "extract_" + "_".join(out_uri.rstrip("/").split("/")[-2:])
+    )  # e.g. extract_pretrained_source in the dashboard
     ds.write_datasink(PartSink(storage.absolute(out_uri)))
 
 

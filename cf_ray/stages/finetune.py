@@ -4,6 +4,7 @@ Ray Train job, then scored on the target's test split (top-1), next to the linea
 The test split goes through the same Ray Data extraction as every other feature set (final tap only);
 the fine-tuned head is applied to those features, which is exactly the network's forward pass.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,8 +17,16 @@ from cf_ray.stages.extract import read_features, read_items, run_extract
 
 
 def run_finetune(
-    train_cfg: TrainConfig, extract_cfg: ExtractConfig, media: ImageConfig | VideoConfig, train_items_uri: str,
-    test_items_uri: str, backbone_uri: str, out_model_uri: str, test_features_uri: str, storage_path: str, name: str,
+    train_cfg: TrainConfig,
+    extract_cfg: ExtractConfig,
+    media: ImageConfig | VideoConfig,
+    train_items_uri: str,
+    test_items_uri: str,
+    backbone_uri: str,
+    out_model_uri: str,
+    test_features_uri: str,
+    storage_path: str,
+    name: str,
     threads: int = 0,
 ) -> dict:
     """Fine-tune ``backbone_uri`` on the labelled items at ``train_items_uri``; {score, top1, ...} on the test items."""
@@ -29,10 +38,22 @@ def run_finetune(
     classes = sorted(set(labels))
     items = items.append_column("target", pa.array([classes.index(l) for l in labels], pa.int64()))
     backbone, model_cfg = load_backbone(backbone_uri)
-    res = train_classifier(train_cfg.model_copy(update={"model": model_cfg}), media, items, "labels", len(classes),
-                           storage_path, name, out_model_uri, threads=threads, init_backbone=backbone_uri)
+    res = train_classifier(
+        train_cfg.model_copy(update={"model": model_cfg}),
+        media,
+        items,
+        "labels",
+        len(classes),
+        storage_path,
+        name,
+        out_model_uri,
+        threads=threads,
+        init_backbone=backbone_uri,
+    )
     last = list(backbone.feature_info)[-1]  # the final tap: what the head sees
-    run_extract(extract_cfg.model_copy(update={"layers": [last]}), media, test_items_uri, out_model_uri, test_features_uri)
+    run_extract(
+        extract_cfg.model_copy(update={"layers": [last]}), media, test_items_uri, out_model_uri, test_features_uri
+    )
     _, x, test_labels = read_features(test_features_uri, last, with_labels=True)
     unknown = sorted(set(test_labels) - set(classes))
     if unknown:
@@ -42,6 +63,15 @@ def run_finetune(
         pred = head(torch.from_numpy(np.array(x))).argmax(1).numpy()
     top1 = float((pred == np.array([classes.index(l) for l in test_labels])).mean())
     h = res["history"]
-    return {"score": top1, "top1": top1, "metric": "top1", "n_train": res["rows"], "n_test": len(test_labels),
-            "classes": len(classes), "epochs": len(h), "train_acc": h[-1]["acc"], "train_loss": h[-1]["loss"],
-            "model": storage.absolute(out_model_uri)}
+    return {
+        "score": top1,
+        "top1": top1,
+        "metric": "top1",
+        "n_train": res["rows"],
+        "n_test": len(test_labels),
+        "classes": len(classes),
+        "epochs": len(h),
+        "train_acc": h[-1]["acc"],
+        "train_loss": h[-1]["loss"],
+        "model": storage.absolute(out_model_uri),
+    }

@@ -6,6 +6,7 @@ on all of train and report top-1 on test. Multi-label targets (several labels pe
 label column) get one-vs-rest logistic probes instead and report mAP, averaged over the classes with a
 positive test item, with VOC's AP (area under the monotone precision envelope, as VISSL's VOC07 benchmark).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,8 +27,11 @@ def fit_logreg(x: np.ndarray, y: np.ndarray, num_classes: int, wd: float, steps:
     def closure():
         opt.zero_grad()
         logits = lin(xt)
-        data = (torch.nn.functional.binary_cross_entropy_with_logits(logits, yt.float()) * num_classes if multi
-                else torch.nn.functional.cross_entropy(logits, yt))
+        data = (
+            torch.nn.functional.binary_cross_entropy_with_logits(logits, yt.float()) * num_classes
+            if multi
+            else torch.nn.functional.cross_entropy(logits, yt)
+        )
         loss = data + wd * lin.weight.pow(2).sum()
         loss.backward()
         return loss
@@ -62,7 +66,9 @@ def mean_ap(lin: torch.nn.Linear, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def probe_layer(xtr, ytr, xte, yte, num_classes: int, cfg: ProbeConfig) -> dict:
-    """Single-label (y: class indices) -> top1; multi-label (y: items x classes 0/1) -> mAP. ``score`` is the headline."""
+    """Single-label (y: class indices) -> top1; multi-label (y: items x classes 0/1) -> mAP.
+
+    ``score`` is the headline."""
     mean, std = xtr.mean(0), xtr.std(0) + 1e-6
     xtr, xte = (xtr - mean) / std, (xte - mean) / std
     metric, name = (mean_ap, "map") if ytr.ndim == 2 else (accuracy, "top1")
@@ -74,8 +80,15 @@ def probe_layer(xtr, ytr, xte, yte, num_classes: int, cfg: ProbeConfig) -> dict:
     best = max(grid, key=lambda w: (np.nan_to_num(grid[w], nan=-1.0), w))
     lin = fit_logreg(xtr, ytr, num_classes, best, cfg.epochs)
     test = metric(lin, xte, yte)
-    return {name: test, "score": test, "metric": name, f"train_{name}": metric(lin, xtr, ytr), "weight_decay": best,
-            f"val_{name}": grid[best], "grid": {str(k): v for k, v in grid.items()}}
+    return {
+        name: test,
+        "score": test,
+        "metric": name,
+        f"train_{name}": metric(lin, xtr, ytr),
+        "weight_decay": best,
+        f"val_{name}": grid[best],
+        "grid": {str(k): v for k, v in grid.items()},
+    }
 
 
 def encode_labels(ltr: list, lte: list, multi_label: bool, sep: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -87,7 +100,11 @@ def encode_labels(ltr: list, lte: list, multi_label: bool, sep: str) -> tuple[np
     if unknown:
         raise ValueError(f"test labels {unknown[:5]} never occur in train; the probe cannot predict them")
     if not multi_label:
-        return (np.array([index[l] for l in ltr], dtype=np.int64), np.array([index[l] for l in lte], dtype=np.int64), classes)
+        return (
+            np.array([index[l] for l in ltr], dtype=np.int64),
+            np.array([index[l] for l in lte], dtype=np.int64),
+            classes,
+        )
 
     def onehot(labels):
         y = np.zeros((len(labels), len(classes)), dtype=np.int64)

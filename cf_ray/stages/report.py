@@ -1,4 +1,5 @@
 """Report: metrics.json + report.md with plots, from what the other stages left in the run directory."""
+
 from __future__ import annotations
 
 import io
@@ -57,8 +58,11 @@ def plot_transfer(transfer: dict, path: str) -> None:
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks(np.arange(len(layers)), layers)
     ax.set_ylabel(f"{_metric_name(transfer)} (%)")
-    ax.set_title("Transfer: linear probes on frozen features (and fine-tuning)" if "finetuned" in layers
-                 else "Transfer: linear probes on frozen features")
+    ax.set_title(
+        "Transfer: linear probes on frozen features (and fine-tuning)"
+        if "finetuned" in layers
+        else "Transfer: linear probes on frozen features"
+    )
     ax.legend(fontsize=8)
     _save(fig, path)
 
@@ -93,11 +97,18 @@ EPOCH_COLUMNS = ("epoch", "loss", "acc", "items_per_s", "seconds", "resumed_from
 
 def _epoch_table(name: str, history: list[dict]) -> list[str]:
     """Per-epoch loss, accuracy and throughput of one Ray Train run (as reported every epoch)."""
-    lines = [f"{name} per epoch:", "", "| epoch | loss | accuracy (%) | items/s | seconds | note |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"{name} per epoch:",
+        "",
+        "| epoch | loss | accuracy (%) | items/s | seconds | note |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in history:
         note = f"resumed from the epoch-{r['resumed_from_epoch']} checkpoint" if r.get("resumed_from_epoch") else ""
-        lines.append(f"| {r['epoch']} | {r['loss']:.4f} | {100 * r['acc']:.1f} | {r['items_per_s']:.0f} | "
-                     f"{r.get('seconds', 0):.1f} | {note} |")
+        lines.append(
+            f"| {r['epoch']} | {r['loss']:.4f} | {100 * r['acc']:.1f} | {r['items_per_s']:.0f} | "
+            f"{r.get('seconds', 0):.1f} | {note} |"
+        )
     return lines + [""]
 
 
@@ -108,25 +119,33 @@ def _verdict(transfer: dict, results: dict) -> str:
     deltas = {l: _score(transfer["clusterfit"][l]) - _score(transfer["pretrained"][l]) for l in transfer["pretrained"]}
     wins = [l for l, d in deltas.items() if d > 0]
     best = max(deltas, key=deltas.get)
-    text = (f"ClusterFit beats the pre-trained network on {len(wins)} of {len(deltas)} layers "
-            f"(best {best}: {100 * deltas[best]:+.1f} points).")
+    text = (
+        f"ClusterFit beats the pre-trained network on {len(wins)} of {len(deltas)} layers "
+        f"(best {best}: {100 * deltas[best]:+.1f} points)."
+    )
     cluster = results.get("cluster", {})
     hist = results.get("retrain", {}).get("history") or []
     if len(wins) < len(deltas):
         hints = []
         if "nmi" in cluster and cluster["nmi"] < 0.2:
-            hints.append(f"the clusters agree little with the source's own labels (NMI {cluster['nmi']:.2f}), so the "
-                         "pseudo-labels carry little of what the target asks for; try another layer (cluster.layer), K, or PCA")
+            hints.append(
+                f"the clusters agree little with the source's own labels (NMI {cluster['nmi']:.2f}), so the "
+                "pseudo-labels carry little of what the target asks for; try another layer (cluster.layer), K, or PCA"
+            )
         if hist and hist[-1]["acc"] < 0.5:
-            hints.append(f"the retrained network fits only {100 * hist[-1]['acc']:.0f}% of its own pseudo-labels; "
-                         "more retrain.epochs or a wider retrain.model may help")
+            hints.append(
+                f"the retrained network fits only {100 * hist[-1]['acc']:.0f}% of its own pseudo-labels; "
+                "more retrain.epochs or a wider retrain.model may help"
+            )
         if hints:
             text += " Likely reasons: " + "; ".join(hints) + "."
     if "random" in transfer:
         weak = [l for l in deltas if _score(transfer["pretrained"][l]) <= _score(transfer["random"][l])]
         if len(weak) * 2 > len(deltas):
-            text += (" Note: the pre-trained network itself is no better than a random one on "
-                     f"{len(weak)} of {len(deltas)} layers, so its proxy task taught it little about this target.")
+            text += (
+                " Note: the pre-trained network itself is no better than a random one on "
+                f"{len(weak)} of {len(deltas)} layers, so its proxy task taught it little about this target."
+            )
     return text
 
 
@@ -134,10 +153,12 @@ def run_report(run_dir: str, title: str = "ClusterFit run") -> dict:
     run = RunDir(run_dir)
     manifest = run.manifest()
     results = {name: st.get("result", {}) for name, st in manifest["stages"].items()}
-    metrics = {"stages": {n: {"status": s.get("status"), "seconds": s.get("seconds")} for n, s in manifest["stages"].items()}}
+    metrics = {
+        "stages": {n: {"status": s.get("status"), "seconds": s.get("seconds")} for n, s in manifest["stages"].items()}
+    }
     lines = [f"# {title}", "", f"Run directory: `{run.root}`", ""]
 
-    targets = {n[len("transfer_"):]: r for n, r in results.items() if n.startswith("transfer_") and r.get("transfer")}
+    targets = {n[len("transfer_") :]: r for n, r in results.items() if n.startswith("transfer_") and r.get("transfer")}
     if targets:
         metrics["transfer"], metrics["transfer_metric"] = {}, {}
     for name, res in targets.items():
@@ -146,46 +167,81 @@ def run_report(run_dir: str, title: str = "ClusterFit run") -> dict:
         metrics["transfer"][name] = {m: {l: _score(v) for l, v in t.items()} for m, t in transfer.items()}
         metrics["transfer_metric"][name] = metric
         plot_transfer(transfer, run.path("plots", plot))
-        lines += [f"## Transfer to {name} (headline)" if len(targets) > 1 else "## Transfer (headline)", "",
-                  f"{metric} (%) on the test split of `{res.get('target', name)}`: linear probes on frozen features per layer"
-                  + ("; `finetuned`: the whole network fine-tuned on the target's train split." if any(
-                      "finetuned" in t for t in transfer.values()) else "."), ""]
+        lines += [
+            f"## Transfer to {name} (headline)" if len(targets) > 1 else "## Transfer (headline)",
+            "",
+            f"{metric} (%) on the test split of `{res.get('target', name)}`: linear probes on frozen features per layer"
+            + (
+                "; `finetuned`: the whole network fine-tuned on the target's train split."
+                if any("finetuned" in t for t in transfer.values())
+                else "."
+            ),
+            "",
+        ]
         lines += _table(transfer) + ["", _verdict(transfer, results), "", f"![transfer to {name}](plots/{plot})", ""]
 
     stats_path = run.path("cluster", "stats.json")
     if storage.exists(stats_path):
         stats = storage.read_json(stats_path)
-        metrics["cluster"] = {k: stats.get(k) for k in ("n", "d", "k", "objective", "imbalance", "empty", "min_size", "max_size")}
+        metrics["cluster"] = {
+            k: stats.get(k) for k in ("n", "d", "k", "objective", "imbalance", "empty", "min_size", "max_size")
+        }
         if "nmi" in results.get("cluster", {}):
             metrics["cluster"]["nmi"] = results["cluster"]["nmi"]
         plot_cluster_sizes(stats["sizes"], run.path("plots", "cluster_sizes.png"))
-        lines += ["## Clusters", "", f"K={stats['k']} on `{stats.get('layer')}` features of {stats['n']} items (d={stats['d']}): "
-                  f"objective {stats['objective']:.4g}, imbalance factor {stats['imbalance']:.3f} (1 = balanced), "
-                  f"sizes {stats['min_size']}..{stats['max_size']}, empty {stats['empty']}."
-                  + (f" NMI against the source's own labels: {metrics['cluster']['nmi']:.3f}." if "nmi" in metrics["cluster"] else ""),
-                  "", "![cluster sizes](plots/cluster_sizes.png)", ""]
+        lines += [
+            "## Clusters",
+            "",
+            f"K={stats['k']} on `{stats.get('layer')}` features of {stats['n']} items (d={stats['d']}): "
+            f"objective {stats['objective']:.4g}, imbalance factor {stats['imbalance']:.3f} (1 = balanced), "
+            f"sizes {stats['min_size']}..{stats['max_size']}, empty {stats['empty']}."
+            + (
+                f" NMI against the source's own labels: {metrics['cluster']['nmi']:.3f}."
+                if "nmi" in metrics["cluster"]
+                else ""
+            ),
+            "",
+            "![cluster sizes](plots/cluster_sizes.png)",
+            "",
+        ]
 
     histories = {n: results[n]["history"] for n in ("pretrain", "retrain") if results.get(n, {}).get("history")}
     if histories:
         metrics["training"] = {n: h[-1] for n, h in histories.items()}
         plot_training(histories, run.path("plots", "training.png"))
-        lines += ["## Training", "", "pretrain = the pre-trained network (the self-supervised proxy in pretrain.proxy, unless a checkpoint was given); "
-                  "retrain = the ClusterFit network on the cluster ids.", "", "![training](plots/training.png)", ""]
+        lines += [
+            "## Training",
+            "",
+            "pretrain = the pre-trained network (the self-supervised proxy in pretrain.proxy, unless a "
+            "checkpoint was given); "
+            "retrain = the ClusterFit network on the cluster ids.",
+            "",
+            "![training](plots/training.png)",
+            "",
+        ]
         for n, h in histories.items():
             last = h[-1]
-            lines.append(f"- {n}: {len(h)} epochs, final loss {last['loss']:.3f}, accuracy {100 * last['acc']:.1f}%, "
-                         f"{last['items_per_s']:.0f} items/s")
+            lines.append(
+                f"- {n}: {len(h)} epochs, final loss {last['loss']:.3f}, accuracy {100 * last['acc']:.1f}%, "
+                f"{last['items_per_s']:.0f} items/s"
+            )
         lines.append("")
         for n, h in histories.items():
             lines += _epoch_table(n, h)
-        metrics["training_history"] = {n: [{k: r.get(k) for k in EPOCH_COLUMNS} for r in h] for n, h in histories.items()}
+        metrics["training_history"] = {
+            n: [{k: r.get(k) for k in EPOCH_COLUMNS} for r in h] for n, h in histories.items()
+        }
 
     errors = run.errors()
     metrics["skipped_inputs"] = errors.num_rows
     lines += ["## Skipped inputs", ""]
     if errors.num_rows:
-        lines += [f"{errors.num_rows} inputs were skipped; all are listed with their reason in `errors.parquet`. First ones:", "",
-                  "| dataset | path | reason |", "|---|---|---|"]
+        lines += [
+            f"{errors.num_rows} inputs were skipped; all are listed with their reason in `errors.parquet`. First ones:",
+            "",
+            "| dataset | path | reason |",
+            "|---|---|---|",
+        ]
         for r in errors.slice(0, 20).to_pylist():
             lines.append(f"| {r.get('dataset', '')} | {r['path']} | {r['error'][:120]} |")
     else:

@@ -1,5 +1,6 @@
 """The sweep's report: one table (every setting and control vs the pre-trained and random networks, with
 cluster quality beside transfer) and one plot per target, from what the sweep's manifest recorded."""
+
 from __future__ import annotations
 
 import matplotlib
@@ -38,11 +39,20 @@ def sweep_table(refs: dict, rows: list[dict], target: str) -> list[str]:
         lines.append("| " + " | ".join([label, "", "", "", "", "", ""] + top + delta) + " |")
     for r in rows:
         c = r.get("cluster", {})
-        cells = [_label(r), _fmt(c.get("nmi")), _fmt(c.get("purity")), _fmt(c.get("ari")), _fmt(c.get("imbalance"), ".2f"),
-                 f"{100 * r['train_acc']:.1f}%", f"{r['train_seconds']:.0f}"]
+        cells = [
+            _label(r),
+            _fmt(c.get("nmi")),
+            _fmt(c.get("purity")),
+            _fmt(c.get("ari")),
+            _fmt(c.get("imbalance"), ".2f"),
+            f"{100 * r['train_acc']:.1f}%",
+            f"{r['train_seconds']:.0f}",
+        ]
         cells += [f"{100 * r['transfer'][target][l]['top1']:.1f}" for l in layers]
-        cells += [f"**{d:+.1f}**" if d > 0 else f"{d:+.1f}"
-                  for d in (100 * (r["transfer"][target][l]["top1"] - pre[l]) for l in layers)]
+        cells += [
+            f"**{d:+.1f}**" if d > 0 else f"{d:+.1f}"
+            for d in (100 * (r["transfer"][target][l]["top1"] - pre[l]) for l in layers)
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -57,8 +67,9 @@ def plot_sweep(refs: dict, rows: list[dict], target: str, path: str) -> None:
         vals = [100 * r["transfer"][target][l]["top1"] for r in rows]
         bars = ax.barh(np.arange(len(rows)) + j * h - 0.4 + h / 2, vals, h, color=colours[j], label=f"{l}")
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
-        ax.axvline(100 * refs["pretrained"][target][l]["top1"], color=colours[j], ls="--", lw=1.2,
-                   label=f"{l} pre-trained")
+        ax.axvline(
+            100 * refs["pretrained"][target][l]["top1"], color=colours[j], ls="--", lw=1.2, label=f"{l} pre-trained"
+        )
         ax.axvline(100 * refs["random"][target][l]["top1"], color=colours[j], ls=":", lw=1, label=f"{l} random init")
     ax.set_yticks(np.arange(len(rows)), labels, fontsize=7)
     ax.invert_yaxis()
@@ -74,18 +85,29 @@ def write_sweep_report(sweep, row_stages: list[str]) -> dict:
     run = sweep.run
     stages = run.manifest()["stages"]
     results = {n: s.get("result", {}) for n, s in stages.items() if s.get("status") == "done"}
-    refs = {m: {t: results.get(f"{m}_probe_{t}", {}).get("transfer") for t in sweep.targets} for m in ("random", "pretrained")}
+    refs = {
+        m: {t: results.get(f"{m}_probe_{t}", {}).get("transfer") for t in sweep.targets}
+        for m in ("random", "pretrained")
+    }
     rows = [results[n] for n in row_stages if n in results]
     missing = [n for n in row_stages if n not in results]
-    lines = [f"# ClusterFit sweep: {sweep.base_cfg.data}", "", f"Run directory: `{run.root}`; pre-trained network: "
-             f"`{sweep.base.root}` (pretrain.source={sweep.base_cfg.pretrain.source}"
-             + (f", label_noise={sweep.base_cfg.pretrain.label_noise}" if sweep.base_cfg.pretrain.source == "labels" else "")
-             + ").", ""]
+    lines = [
+        f"# ClusterFit sweep: {sweep.base_cfg.data}",
+        "",
+        f"Run directory: `{run.root}`; pre-trained network: "
+        f"`{sweep.base.root}` (pretrain.source={sweep.base_cfg.pretrain.source}"
+        + (f", label_noise={sweep.base_cfg.pretrain.label_noise}" if sweep.base_cfg.pretrain.source == "labels" else "")
+        + ").",
+        "",
+    ]
     src = results.get("cluster_source", {})
     if src:
-        lines += [f"Clustered and trained on {src['items']} of the base's {src['of']} source items. Rows with a bold "
-                  "difference beat the pre-trained network at that layer. NMI / purity / ARI: clusters against the source's "
-                  "true labels (never used for training). Imbalance: faiss's factor (1 = equal cluster sizes).", ""]
+        lines += [
+            f"Clustered and trained on {src['items']} of the base's {src['of']} source items. Rows with a bold "
+            "difference beat the pre-trained network at that layer. NMI / purity / ARI: clusters against the source's "
+            "true labels (never used for training). Imbalance: faiss's factor (1 = equal cluster sizes).",
+            "",
+        ]
     plots = {}
     for t in sweep.targets:
         if not all(refs[m][t] for m in refs):
@@ -99,7 +121,10 @@ def write_sweep_report(sweep, row_stages: list[str]) -> dict:
             plots[t] = plot
             lines += [f"![sweep {t}](plots/sweep_{t}.png)", ""]
     if missing:
-        lines += ["Not finished yet (rerun the same command to resume): " + ", ".join(f"`{m}`" for m in missing) + ".", ""]
+        lines += [
+            "Not finished yet (rerun the same command to resume): " + ", ".join(f"`{m}`" for m in missing) + ".",
+            "",
+        ]
     lines += ["## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
     lines += [f"| {n} | {s.get('status')} | {s.get('seconds', '')} |" for n, s in stages.items()]
     storage.write_json(run.path("sweep_results.json"), {"references": refs, "rows": rows, "missing": missing})

@@ -5,6 +5,7 @@ Both are classification over (input, target): RotNet's targets are the rotation 
 the cluster ids. The loop is plain,
 single-device PyTorch; Ray Train adds the workers, DDP, checkpoints and restarts.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -150,7 +151,11 @@ def train_loop_per_worker(config: dict) -> None:
     if config.get("init_from"):  # start from a saved classifier (continued pre-training), head included
         import io
 
-        net.load_state_dict(torch.load(io.BytesIO(storage.read_bytes(config["init_from"])), map_location="cpu", weights_only=True)["model"])
+        net.load_state_dict(
+            torch.load(io.BytesIO(storage.read_bytes(config["init_from"])), map_location="cpu", weights_only=True)[
+                "model"
+            ]
+        )
     if config.get("init_backbone"):  # fine-tuning: start from a saved backbone folder (the head stays seeded-random)
         from cf_ray.models.checkpoint import load_state_dict
 
@@ -181,7 +186,9 @@ def train_loop_per_worker(config: dict) -> None:
         opt.load_state_dict(state["opt"])
         start_epoch = resumed_from = state["epoch"] + 1
         if rank == 0:
-            print(f"[cf_ray] resuming {config['name']} after epoch {start_epoch} (from its last checkpoint)", flush=True)
+            print(
+                f"[cf_ray] resuming {config['name']} after epoch {start_epoch} (from its last checkpoint)", flush=True
+            )
 
     shard = ray.train.get_dataset_shard("train")
     steps_per_epoch = max(1, math.ceil(config["rows"] / (cfg.batch_size * world)))
@@ -192,8 +199,12 @@ def train_loop_per_worker(config: dict) -> None:
         model.train()
         ep, last_print = _Epoch(), time.time()
         step = epoch * steps_per_epoch
-        batches = shard.iter_torch_batches(batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.batch_size * 4,
-                                           local_shuffle_seed=cfg.seed + epoch, drop_last=False)
+        batches = shard.iter_torch_batches(
+            batch_size=cfg.batch_size,
+            local_shuffle_buffer_size=cfg.batch_size * 4,
+            local_shuffle_seed=cfg.seed + epoch,
+            drop_last=False,
+        )
         if rates is not None:
             batches = uniform_over_classes(batches, rates, gen, cfg.batch_size)
         # Uniform sampling gives ranks unequal numbers of batches; DDP's Join lets the early ones shadow the rest.
@@ -232,8 +243,11 @@ def train_loop_per_worker(config: dict) -> None:
                     step_hook(epoch + 1, step, rank)
                 if rank == 0 and time.time() - last_print > 30:
                     last_print = time.time()
-                    print(f"[cf_ray] {config['name']} epoch {epoch + 1}: ~{ep.seen * world}/{config['rows']} items, "
-                          f"loss {ep.loss_sum / ep.n_out:.4f}, {ep.seen * world / (last_print - ep.t0):.0f} items/s", flush=True)
+                    print(
+                        f"[cf_ray] {config['name']} epoch {epoch + 1}: ~{ep.seen * world}/{config['rows']} items, "
+                        f"loss {ep.loss_sum / ep.n_out:.4f}, {ep.seen * world / (last_print - ep.t0):.0f} items/s",
+                        flush=True,
+                    )
         secs = time.time() - ep.t0
         ranks = _gather({"digest": param_digest(inner), "seen": ep.seen}, world)
         metrics = {
@@ -252,10 +266,14 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
-                torch.save({"model": inner.state_dict(), "opt": opt.state_dict(), "epoch": epoch}, os.path.join(d, STATE))
+                torch.save(
+                    {"model": inner.state_dict(), "opt": opt.state_dict(), "epoch": epoch}, os.path.join(d, STATE)
+                )
                 json.dump(history, open(os.path.join(d, HISTORY), "w"))
                 checkpoint = ray.train.Checkpoint.from_directory(d)
-                cf_metrics.train_epoch(config["name"], metrics["loss"], metrics["items_per_s"], sum(r["seen"] for r in ranks))
+                cf_metrics.train_epoch(
+                    config["name"], metrics["loss"], metrics["items_per_s"], sum(r["seen"] for r in ranks)
+                )
                 print(
                     f"[cf_ray] {config['name']} epoch {epoch + 1}/{cfg.epochs}: loss {metrics['loss']:.4f} "
                     f"acc {metrics['acc']:.3f} {metrics['items_per_s']:.0f} items/s",
@@ -271,14 +289,17 @@ def save_head(head: nn.Linear, model_uri: str) -> None:
 
 
 def load_head(model_uri: str) -> nn.Linear:
-    sd = torch.load(io.BytesIO(storage.read_bytes(storage.join(model_uri, HEAD))), map_location="cpu", weights_only=True)
+    sd = torch.load(
+        io.BytesIO(storage.read_bytes(storage.join(model_uri, HEAD))), map_location="cpu", weights_only=True
+    )
     head = nn.Linear(sd["weight"].shape[1], sd["weight"].shape[0])
     head.load_state_dict(sd)
     return head
 
 
-def training_dataset(items: pa.Table, media: ImageConfig | VideoConfig, seed: int, block_rows: int = 2048
-                     ) -> tuple[ray.data.Dataset, pa.Table, int]:
+def training_dataset(
+    items: pa.Table, media: ImageConfig | VideoConfig, seed: int, block_rows: int = 2048
+) -> tuple[ray.data.Dataset, pa.Table, int]:
     """(dataset of decoded inputs + target, rows that failed to decode, rows).
 
     Images are decoded once and materialised. Videos stream: each epoch decodes one random clip per
@@ -304,8 +325,17 @@ def training_dataset(items: pa.Table, media: ImageConfig | VideoConfig, seed: in
 
 
 def train_classifier(
-    cfg: TrainConfig, media: ImageConfig | VideoConfig, items: pa.Table, task: str, num_classes: int,
-    storage_path: str, name: str, model_uri: str, threads: int = 0, step_hook=None, init_from: str | None = None,
+    cfg: TrainConfig,
+    media: ImageConfig | VideoConfig,
+    items: pa.Table,
+    task: str,
+    num_classes: int,
+    storage_path: str,
+    name: str,
+    model_uri: str,
+    threads: int = 0,
+    step_hook=None,
+    init_from: str | None = None,
     init_backbone: str | None = None,
 ) -> dict:
     """Train on ``items`` (id, path, target) and save the final backbone to ``model_uri``.
@@ -332,27 +362,39 @@ def train_classifier(
     if rows == 0:
         raise ValueError(f"{name}: none of the {items.num_rows} training images could be decoded")
     gpu = want_gpu(cfg.use_gpu)
-    log(f"{name}: {rows} items ({bad.num_rows} undecodable), task={task}, {num_classes} classes, "
-        f"{cfg.num_workers} worker(s) on {'GPU' if gpu else 'CPU'}, {cfg.epochs} epochs")
+    log(
+        f"{name}: {rows} items ({bad.num_rows} undecodable), task={task}, {num_classes} classes, "
+        f"{cfg.num_workers} worker(s) on {'GPU' if gpu else 'CPU'}, {cfg.epochs} epochs"
+    )
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "train": cfg.model_dump(mode="json"), "media": media.model_dump(mode="json"), "task": task,
-            "modality": "video" if isinstance(media, VideoConfig) else "image", "num_classes": num_classes,
+            "train": cfg.model_dump(mode="json"),
+            "media": media.model_dump(mode="json"),
+            "task": task,
+            "modality": "video" if isinstance(media, VideoConfig) else "image",
+            "num_classes": num_classes,
             "class_weights": balance if cfg.class_weighted_loss else None,
             "draw_rates": balance if cfg.sampling == "uniform" else None,
-            "rows": rows, "name": name, "threads": threads, "step_hook": step_hook, "init_from": init_from,
+            "rows": rows,
+            "name": name,
+            "threads": threads,
+            "step_hook": step_hook,
+            "init_from": init_from,
             "init_backbone": storage.absolute(init_backbone) if init_backbone else None,
         },
         scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=gpu, resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpu else {})}
+            num_workers=cfg.num_workers,
+            use_gpu=gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpu else {})},
         ),
         run_config=RunConfig(
             name=name,
             storage_path=storage.absolute(storage_path),
             # Ray keeps the num_to_keep best by the score and always the latest (the resume point).
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="acc",
-                                               checkpoint_score_order="max"),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="acc", checkpoint_score_order="max"
+            ),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
         datasets={"train": ds},

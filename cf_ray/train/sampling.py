@@ -7,6 +7,7 @@ class c is repeated ``floor(r_c)`` or ``ceil(r_c)`` times with ``r_c = N / (K' *
 classes), which gives each non-empty class N/K' draws per epoch in expectation and N draws in total.
 Repeats are shuffled within a window of a few batches and re-batched.
 """
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -24,8 +25,12 @@ def balance_rates(counts: np.ndarray) -> list[float]:
 
 
 def uniform_over_classes(
-    batches: Iterator[dict[str, torch.Tensor]], rates: torch.Tensor, gen: torch.Generator, batch_size: int,
-    target: str = "target", window_batches: int = 4,
+    batches: Iterator[dict[str, torch.Tensor]],
+    rates: torch.Tensor,
+    gen: torch.Generator,
+    batch_size: int,
+    target: str = "target",
+    window_batches: int = 4,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Re-batch a stream so that every class with a non-zero rate is drawn equally often (see module doc)."""
     pool: list[dict[str, torch.Tensor]] = []
