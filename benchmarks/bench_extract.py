@@ -28,9 +28,9 @@ def plain_loop(
 ) -> float:
     """The baseline: torch DataLoader (single process) + model, features kept in memory."""
     from cf_ray.config import ImageConfig, ModelConfig
+    from cf_ray.media.decode import normalize
     from cf_ray.media.image import decode_image
     from cf_ray.models.checkpoint import build
-    from cf_ray.stages.extract import normalize
 
     torch.set_num_threads(threads)
     img = ImageConfig(size=size)
@@ -58,9 +58,10 @@ def cf_ray_extract(
 ) -> tuple[float, dict]:
     """(items/s over the whole stage call, the stage's result) with ``actors`` actors of ``threads`` threads."""
     from cf_ray.config import ExtractConfig, ImageConfig, ModelConfig
+    from cf_ray.media.items import write_items
     from cf_ray.models.checkpoint import build, save_backbone
     from cf_ray.runtime import init_ray
-    from cf_ray.stages.extract import run_extract, write_items
+    from cf_ray.stages.extract import run_extract
 
     init_ray(num_cpus=os.cpu_count(), object_store_mb=1024)
     tmp = tempfile.mkdtemp(prefix="bench_extract_")

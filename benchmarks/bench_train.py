@@ -50,9 +50,9 @@ def load_items(data: str | None, n: int, size: int, seed: int) -> pa.Table:
 
 def plain_loop(items: pa.Table, cfg, media, num_classes: int, threads: int) -> list[dict]:
     """The baseline: images decoded once into memory, then a textbook epoch loop; returns per-epoch items/s."""
+    from cf_ray.media.decode import normalize
     from cf_ray.media.image import decode_images
     from cf_ray.models.checkpoint import build
-    from cf_ray.stages.extract import normalize
     from cf_ray.train.loop import Classifier, augment, build_optimizer, lr_at
 
     torch.set_num_threads(threads)

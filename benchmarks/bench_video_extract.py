@@ -30,9 +30,9 @@ import torch  # noqa: E402
 def plain_loop(paths: list[str], args, layers: list[str]) -> tuple[float, int]:
     """(seconds, undecodable videos) for the baseline: torch DataLoader (single process) + model."""
     from cf_ray.config import ModelConfig, VideoConfig
+    from cf_ray.media.decode import normalize
     from cf_ray.media.video import decode_clips
     from cf_ray.models.checkpoint import build
-    from cf_ray.stages.extract import normalize
 
     torch.set_num_threads(args.threads)
     media = VideoConfig(size=args.size, clip_len=args.clip_len, stride=args.stride, num_clips=args.num_clips)
@@ -77,10 +77,11 @@ def plain_loop(paths: list[str], args, layers: list[str]) -> tuple[float, int]:
 def cf_ray_extract(manifest: str, args, layers: list[str]) -> tuple[float, dict]:
     """(seconds of the run_extract call, its result): includes actor start-up and the Parquet write, not ray.init."""
     from cf_ray.config import ExtractConfig, ModelConfig, VideoConfig
+    from cf_ray.media.items import write_items
     from cf_ray.models.checkpoint import build, save_backbone
     from cf_ray.runtime import init_ray
     from cf_ray.sources import VIDEO_EXTS, list_items
-    from cf_ray.stages.extract import run_extract, write_items
+    from cf_ray.stages.extract import run_extract
 
     init_ray(num_cpus=os.cpu_count(), object_store_mb=1024)
     tmp = tempfile.mkdtemp(prefix="bench_video_extract_")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cf_ray import log
 from cf_ray.config import ConfigError, JobConfig, load_config
 from cf_ray.sources import SourceError
 
@@ -66,45 +67,17 @@ def resolve_config(args: argparse.Namespace) -> JobConfig:
 
 
 def run_stage(stage: str, cfg: JobConfig) -> dict:
-    from cf_ray import pipeline as pl
-    from cf_ray.rundir import RunDir
-    from cf_ray.runtime import init_ray
-    from cf_ray.stages.report import run_report
+    from cf_ray import pipeline
 
     if stage == "all":
-        return pl.run_job(cfg)
-    run = RunDir(cfg.run_dir)
-    paths = pl.Paths(run)
-    if stage == "report":
-        return run.stage("report", lambda: run_report(run.root, pl.report_title(cfg)), force=True)
-    inputs = pl.check_inputs(cfg)
-    run.stage("items", lambda: pl.stage_items(run, paths, inputs))
-    init_ray(cfg.ray.num_cpus, cfg.ray.object_store_mb)
-    pl.check_cluster(cfg)
-    first = {
-        "pretrain": "pretrain",
-        "extract": "extract_source",
-        "cluster": "cluster",
-        "retrain": "retrain",
-        "transfer": pl.transfer_stages(next(iter(cfg.transfer_targets())))[0],
-    }[stage]
-    pl.redo_from(cfg, run, paths, first)
-    if stage == "pretrain":
-        return run.stage("pretrain", lambda: pl.stage_pretrain(cfg, run, paths))
-    if stage == "extract":
-        return run.stage("extract_source", lambda: pl.stage_extract(cfg, run, paths, "pretrained", "source"))
-    if stage == "cluster":
-        return run.stage("cluster", lambda: pl.stage_cluster(cfg, paths))
-    if stage == "retrain":
-        return run.stage("retrain", lambda: pl.stage_retrain(cfg, run, paths))
-    if stage == "transfer":
-        return {"transfer": pl.run_transfer(cfg, run, paths, inputs)}
-    raise ValueError(stage)
+        return pipeline.run_job(cfg)
+    return pipeline.run_cli_stage(stage, cfg)
 
 
 def main(argv: list[str] | None = None, prog: str = "cf-ray", stage: str | None = None, video: bool = False) -> int:
     args = parser(prog, with_stage=stage is None).parse_intermixed_args(argv)  # overrides may follow options
     args.video = args.video or video
+    log.setup()
     try:
         cfg = resolve_config(args)
         result = run_stage(stage or args.stage, cfg)

@@ -195,6 +195,11 @@ class ExtractConfig(_Strict):
     channels_last: Literal["auto", "yes", "no"] = Field(
         "auto", description="Channels-last weights and inputs (channels_last_3d for video); auto: on GPU only."
     )
+    clip_features: bool = Field(
+        False,
+        description="Video: also keep every clip's feature (clipfeat_<tap>, clips x dim per video) next to "
+        "the per-video mean (feat_<tap>).",
+    )
 
 
 class ClusterConfig(_Strict):

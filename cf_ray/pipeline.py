@@ -1,10 +1,17 @@
-"""The ClusterFit job (images or video): source -> pretrain -> extract -> k-means -> retrain -> transfer -> report.
+"""The ClusterFit job (images or video) as one table of stages:
+items -> pretrain -> extract_source -> cluster -> retrain -> per target: items, extracts, transfer -> report.
 
-Each step is a stage of the run directory: done stages are skipped on a rerun, so a killed job resumes.
-All input checks happen before Ray starts.
+Each stage names its function, its outputs and the stages it needs. ``run_job`` runs the table; a done
+stage is skipped, so a killed job resumes. ``run_cli_stage`` redoes one stage (and forgets what depends on
+it), after running whatever it needs that is not done yet. All input checks happen before Ray starts.
 """
 
 from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -12,15 +19,17 @@ import pyarrow.parquet as pq
 
 from cf_ray import storage
 from cf_ray.config import ConfigError, JobConfig, TargetConfig, dump_config
-from cf_ray.rundir import RunDir, log
+from cf_ray.media.items import read_items, write_items
+from cf_ray.rundir import RunDir
 from cf_ray.sources import IMAGE_EXTS, VIDEO_EXTS, SourceError, list_items, load_target
+from cf_ray.stages import names
 from cf_ray.stages.cluster import read_assignments, run_cluster
-from cf_ray.stages.extract import read_items, run_extract, write_items
+from cf_ray.stages.extract import run_extract
+from cf_ray.stages.names import MODELS, SPLITS
 from cf_ray.stages.probe import run_probe
 from cf_ray.stages.report import run_report
 
-MODELS = ("random", "pretrained", "clusterfit")  # transfer compares these; random init is the floor
-SPLITS = ("train", "test")  # of every transfer target; its datasets are named <target>_<split>
+logger = logging.getLogger(__name__)
 
 
 class Paths:
@@ -47,64 +56,144 @@ class Paths:
         return self.run.path("train")
 
 
-def transfer_stages(target: str) -> list[str]:
-    """A target's stages: its items, its splits' features for every model, then its probes (and fine-tuning)."""
-    return [f"items_{target}"] + [f"extract_{m}_{target}_{s}" for m in MODELS for s in SPLITS] + [f"transfer_{target}"]
+@dataclass
+class Job:
+    """An opened run: its config, run directory, output paths and listed inputs ((items, skipped) per dataset)."""
+
+    cfg: JobConfig
+    run: RunDir
+    paths: Paths
+    inputs: dict = field(default_factory=dict)
 
 
-def stage_order(cfg: JobConfig) -> list[str]:
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    fn: Callable[[Job], dict]
+    outputs: Callable[[Paths], list[str]]
+    needs: tuple[str, ...] = ()
+    group: str = ""  # the `cf-ray <stage>` name that redoes it
+    always: bool = False  # rerun every time (the report)
+
+
+# --- the table ---------------------------------------------------------------------------------------------------
+def stage_table(cfg: JobConfig) -> list[Stage]:
+    """Every stage of the job, in the order it runs."""
+    table = [
+        Stage("items", lambda j: stage_items(j, ("source",)), lambda p: [], group="items"),
+        Stage(
+            "pretrain",
+            stage_pretrain,
+            lambda p: [p.model("random"), p.model("pretrained"), storage.join(p.train, "pretrain")],
+            ("items",),
+            "pretrain",
+        ),
+        Stage(
+            "extract_source",
+            lambda j: stage_extract(j, "pretrained", "source"),
+            lambda p: [p.features("pretrained", "source")],
+            ("pretrain",),
+            "extract",
+        ),
+        Stage("cluster", stage_cluster, lambda p: [p.cluster], ("extract_source",), "cluster"),
+        Stage(
+            "retrain",
+            stage_retrain,
+            lambda p: [p.model("clusterfit"), storage.join(p.train, "retrain")],
+            ("cluster",),
+            "retrain",
+        ),
+    ]
+    for t, target in cfg.transfer_targets().items():
+        datasets = [names.dataset(t, s) for s in SPLITS]
+        table.append(Stage(names.items(t), lambda j, d=tuple(datasets): stage_items(j, d), lambda p: [], (), "items"))
+        extracts = []
+        for m in MODELS:
+            for d in datasets:
+                extracts.append(names.extract(m, d))
+                table.append(
+                    Stage(
+                        extracts[-1],
+                        lambda j, m=m, d=d: stage_extract(j, m, d),
+                        lambda p, m=m, d=d: [p.features(m, d)],
+                        (names.items(t), names.model_stage(m)),
+                        "transfer",
+                    )
+                )
+        table.append(
+            Stage(
+                names.transfer(t),
+                lambda j, t=t, target=target: stage_transfer(j, t, target),
+                lambda p, t=t: finetune_outputs(p, t),
+                tuple(extracts),
+                "transfer",
+            )
+        )
+    targets = list(cfg.transfer_targets())
+    table.append(
+        Stage(
+            "report",
+            lambda j: run_report(j.run.root, report_title(j.cfg), targets),
+            lambda p: [],
+            ("retrain", *[names.transfer(t) for t in targets]),
+            "report",
+            always=True,
+        )
+    )
+    return table
+
+
+def finetune_outputs(paths: Paths, target: str) -> list[str]:
     return [
-        "items",
-        "pretrain",
-        "extract_source",
-        "cluster",
-        "retrain",
-        *[s for t in cfg.transfer_targets() for s in transfer_stages(t)],
-        "report",
+        p
+        for m in MODELS
+        for p in (
+            paths.model(names.finetuned(m, target)),
+            paths.features(names.finetuned(m, target), names.dataset(target, "test")),
+            storage.join(paths.train, f"finetune_{m}_{target}"),
+        )
     ]
 
 
-def finetuned(model: str, target: str) -> str:
-    """Name of ``model`` fine-tuned on ``target`` (its folder under models/ and features/)."""
-    return f"finetuned_{model}_{target}"
+def dependents(table: list[Stage], chosen: list[str]) -> list[str]:
+    """``chosen`` and every stage that needs one of them, directly or not, in table order."""
+    out = set(chosen)
+    for s in table:  # the table is in dependency order, so one pass suffices
+        if out.intersection(s.needs):
+            out.add(s.name)
+    return [s.name for s in table if s.name in out]
 
 
-def stage_outputs(paths: Paths, name: str) -> list[str]:
-    if name == "pretrain":
-        return [paths.model("random"), paths.model("pretrained"), storage.join(paths.train, "pretrain")]
-    if name == "extract_source":
-        return [paths.features("pretrained", "source")]
-    if name == "cluster":
-        return [paths.cluster]
-    if name == "retrain":
-        return [paths.model("clusterfit"), storage.join(paths.train, "retrain")]
-    if name.startswith("transfer_"):
-        t = name[len("transfer_") :]
-        return [
-            p
-            for m in MODELS
-            for p in (
-                paths.model(finetuned(m, t)),
-                paths.features(finetuned(m, t), f"{t}_test"),
-                storage.join(paths.train, f"finetune_{m}_{t}"),
-            )
-        ]
-    if name.startswith("extract_"):
-        m, d = name[len("extract_") :].split("_", 1)
-        return [paths.features(m, d)]
-    return []
+def prerequisites(table: list[Stage], chosen: list[str]) -> set[str]:
+    """``chosen`` and every stage they need, directly or not."""
+    by_name, out, todo = {s.name: s for s in table}, set(), list(chosen)
+    while todo:
+        n = todo.pop()
+        if n not in out:
+            out.add(n)
+            todo.extend(by_name[n].needs)
+    return out
 
 
-def redo_from(cfg: JobConfig, run: RunDir, paths: Paths, name: str) -> None:
-    """Delete the outputs of stage ``name`` and of every later stage, and forget them in the manifest."""
-    order = stage_order(cfg)
-    later = order[order.index(name) :]
-    for n in later:
-        for out in stage_outputs(paths, n):
+def forget(job: Job, table: list[Stage], stage_names: list[str]) -> None:
+    """Delete the outputs of these stages and forget them in the manifest, so the next run redoes them."""
+    by_name = {s.name: s for s in table}
+    for n in stage_names:
+        for out in by_name[n].outputs(job.paths):
             storage.delete_dir(out)
-    run.invalidate(later)
+    job.run.invalidate(stage_names)
 
 
+def run_stages(job: Job, table: list[Stage], only: set[str] | None = None) -> dict[str, dict]:
+    """Run the stages of ``table`` (those in ``only``, if given) in order, skipping done ones: {name: result}."""
+    results = {}
+    for s in table:
+        if only is None or s.name in only:
+            results[s.name] = job.run.stage(s.name, lambda s=s: s.fn(job), force=s.always)
+    return results
+
+
+# --- opening a run -------------------------------------------------------------------------------------------------
 def check_inputs(cfg: JobConfig) -> dict[str, tuple[pa.Table, pa.Table]]:
     """List every input and check it can be run, before any Ray work: (items, skipped) per dataset."""
     exts = VIDEO_EXTS if cfg.modality == "video" else IMAGE_EXTS
@@ -125,46 +214,32 @@ def check_inputs(cfg: JobConfig) -> dict[str, tuple[pa.Table, pa.Table]]:
             f"cluster.k={cfg.cluster.k} is larger than the {source.num_rows} {cfg.modality}s in {cfg.data}; "
             f"set cluster.k <= {source.num_rows}"
         )
-    log(f"inputs: {source.num_rows} source {cfg.modality}s ({skipped.num_rows} skipped)")
+    logger.info(f"inputs: {source.num_rows} source {cfg.modality}s ({skipped.num_rows} skipped)")
     inputs = {"source": (source, skipped)}
     for name, t in targets.items():
         train, test, skipped_t = load_target(t.path, cfg.probe.test_fraction, cfg.seed, exts)
-        log(
+        logger.info(
             f"inputs: target {name} ({t.path}): {train.num_rows} train / {test.num_rows} test "
             f"({skipped_t.num_rows} skipped)"
         )
-        inputs[f"{name}_train"], inputs[f"{name}_test"] = (train, skipped_t), (test, skipped.schema.empty_table())
+        inputs[names.dataset(name, "train")] = (train, skipped_t)
+        inputs[names.dataset(name, "test")] = (test, skipped.schema.empty_table())
     return inputs
 
 
 def check_cluster(cfg: JobConfig) -> None:
     """What the job asks of a local Ray it started, checked before any stage: Ray would wait forever for
     CPUs or GPUs a local machine does not have. (A cluster joined via RAY_ADDRESS may autoscale; not checked.)"""
-    import os
-
     import ray
 
     if os.environ.get("RAY_ADDRESS"):
         return
     res = ray.cluster_resources()
     cpus, gpus = res.get("CPU", 0), res.get("GPU", 0)
+    r, e = cfg.retrain, cfg.extract
     asks = [
-        (
-            "retrain",
-            cfg.retrain.use_gpu,
-            cfg.retrain.num_workers,
-            cfg.retrain.cpus_per_worker,
-            "num_workers",
-            "cpus_per_worker",
-        ),
-        (
-            "extract",
-            cfg.extract.use_gpu,
-            cfg.extract.num_actors,
-            cfg.extract.cpus_per_actor,
-            "num_actors",
-            "cpus_per_actor",
-        ),
+        ("retrain", r.use_gpu, r.num_workers, r.cpus_per_worker, "num_workers", "cpus_per_worker"),
+        ("extract", e.use_gpu, e.num_actors, e.cpus_per_actor, "num_actors", "cpus_per_actor"),
     ]
     if cfg.pretrain.source not in ("checkpoint", "torchvision"):
         t = cfg.pretrain.train
@@ -184,19 +259,70 @@ def check_cluster(cfg: JobConfig) -> None:
             )
 
 
-def stage_items(run: RunDir, paths: Paths, inputs: dict, names: tuple[str, ...] = ("source",)) -> dict:
-    """The listed items of the datasets ``names`` (and what listing skipped), for the stages after it to read."""
-    inputs = {n: inputs[n] for n in names}
-    for name, (items, skipped) in inputs.items():
-        write_items(items, paths.items(name))
-        run.record_errors(skipped, "list", name)
-    return {name: items.num_rows for name, (items, _) in inputs.items()}
+def open_job(cfg: JobConfig, list_inputs: bool = True, start_ray: bool = True) -> Job:
+    """The one way into a run, for the whole job and for a single stage alike: inputs checked (before Ray),
+    the run directory opened with its resolved config.yaml, Ray started or joined, the cluster checked."""
+    from cf_ray import log
+    from cf_ray.runtime import init_ray
+
+    log.setup()
+    inputs = check_inputs(cfg) if list_inputs else {}
+    try:
+        run = RunDir(cfg.run_dir)
+        storage.write_bytes(run.path("config.yaml"), dump_config(cfg).encode())
+    except OSError as e:
+        raise ConfigError(
+            f"run_dir {cfg.run_dir} is not writable ({e}); pass --run-dir <a writable path or URI>"
+        ) from None
+    if start_ray:
+        init_ray(cfg.ray.num_cpus, cfg.ray.object_store_mb)
+        check_cluster(cfg)
+    return Job(cfg, run, Paths(run), inputs)
 
 
-def stage_pretrain(cfg: JobConfig, run: RunDir, paths: Paths) -> dict:
+def run_job(cfg: JobConfig) -> dict:
+    """Every stage of the job that is not done yet."""
+    job = open_job(cfg)
+    results = run_stages(job, stage_table(cfg))
+    logger.info(f"report: {job.run.path('report.md')}")
+    transfer = {t: results[names.transfer(t)]["transfer"] for t in cfg.transfer_targets()}
+    return {"run_dir": job.run.root, "report": job.run.path("report.md"), "transfer": transfer}
+
+
+def run_cli_stage(group: str, cfg: JobConfig) -> dict:
+    """Redo the stages of one `cf-ray <stage>` name: forget them and what depends on them, then run them after
+    whatever they need that is not done yet. {stage name: result}."""
+    table = stage_table(cfg)
+    chosen = [s.name for s in table if s.group == group]
+    if not chosen:
+        raise ConfigError(f"unknown stage {group!r}")
+    job = open_job(cfg, list_inputs=group != "report", start_ray=group != "report")
+    if group == "report":
+        return run_stages(job, table, set(chosen))
+    forget(job, table, dependents(table, chosen))
+    results = run_stages(job, table, prerequisites(table, chosen))
+    return {n: results[n] for n in chosen}
+
+
+def report_title(cfg: JobConfig) -> str:
+    return f"ClusterFit ({cfg.modality}s): {cfg.data}"
+
+
+# --- the stages ------------------------------------------------------------------------------------------------------
+def stage_items(job: Job, datasets: tuple[str, ...]) -> dict:
+    """The listed items of ``datasets`` (and what listing skipped), for the stages after it to read."""
+    for name in datasets:
+        items, skipped = job.inputs[name]
+        write_items(items, job.paths.items(name))
+        job.run.record_errors(skipped, "list", name)
+    return {name: job.inputs[name][0].num_rows for name in datasets}
+
+
+def stage_pretrain(job: Job) -> dict:
     from cf_ray.models.checkpoint import build, import_checkpoint, save_backbone
     from cf_ray.train.loop import train_classifier
 
+    cfg, paths = job.cfg, job.paths
     model_cfg = cfg.pretrain.train.model
     save_backbone(build(model_cfg, seed=cfg.seed), model_cfg, paths.model("random"))
     if cfg.pretrain.source == "checkpoint":
@@ -211,31 +337,26 @@ def stage_pretrain(cfg: JobConfig, run: RunDir, paths: Paths) -> dict:
         return {"source": "torchvision", "arch": model_cfg.arch}
     items, task, classes, extra = pretrain_targets(cfg, read_items(paths.items("source")))
     res = train_classifier(
-        cfg.pretrain.train,
-        cfg.media,
-        items,
-        task,
-        classes,
-        paths.train,
-        "pretrain",
-        paths.model("pretrained"),
-        threads=_threads(cfg),
+        cfg.pretrain.train, cfg.media, items, task, classes, paths.train, "pretrain", paths.model("pretrained")
     )
-    run.record_errors(res["undecodable"], "decode", "source")
-    return {"source": cfg.pretrain.source, "proxy": task, **extra, "history": res["history"], "items": res["rows"]}
+    job.run.record_errors(res["undecodable"], "decode", "source")
+    return {
+        "source": cfg.pretrain.source,
+        "proxy": task,
+        **extra,
+        "history": res["history"],
+        "items": res["rows"],
+    }
 
 
 def pretrain_targets(cfg: JobConfig, items: pa.Table) -> tuple[pa.Table, str, int, dict]:
     """(items with a target column, task, number of classes, what to record) for pre-training on the source."""
-    from cf_ray.train.loop import PROXY_TASKS
+    from cf_ray.train.tasks import get_task
 
     if cfg.pretrain.source != "labels":
-        return (
-            items.append_column("target", pa.array(np.zeros(items.num_rows, np.int64))),
-            cfg.pretrain.proxy,
-            PROXY_TASKS[cfg.pretrain.proxy],
-            {},
-        )
+        task = get_task(cfg.pretrain.proxy)
+        zeros = pa.array(np.zeros(items.num_rows, np.int64))
+        return items.append_column("target", zeros), task.name, task.num_classes, {}
     classes = sorted(set(items["label"].to_pylist()))
     truth = np.array([classes.index(l) for l in items["label"].to_pylist()], np.int64)
     target = noisy_labels(truth, len(classes), cfg.pretrain.label_noise, cfg.seed)
@@ -252,23 +373,18 @@ def noisy_labels(truth: np.ndarray, num_classes: int, fraction: float, seed: int
     return out
 
 
-def _threads(cfg: JobConfig) -> int:
-    """Locally the trainer may use every core; Ray Train gives a worker cpus_per_worker threads otherwise."""
-    import os
-
-    return 0 if os.environ.get("RAY_ADDRESS") else (cfg.ray.num_cpus or os.cpu_count() or 1)
-
-
-def stage_extract(cfg: JobConfig, run: RunDir, paths: Paths, model: str, dataset: str) -> dict:
+def stage_extract(job: Job, model: str, dataset: str) -> dict:
+    paths = job.paths
     out = paths.features(model, dataset)
-    res = run_extract(cfg.extract, cfg.media, paths.items(dataset), paths.model(model), out)
+    res = run_extract(job.cfg.extract, job.cfg.media, paths.items(dataset), paths.model(model), out)
     fs, p = storage.resolve(storage.join(out, "_errors.parquet"))
-    run.record_errors(pq.read_table(p, filesystem=fs), "decode", dataset)
+    job.run.record_errors(pq.read_table(p, filesystem=fs), "decode", dataset)
     return res
 
 
-def stage_cluster(cfg: JobConfig, paths: Paths) -> dict:
-    res = run_cluster(cfg.cluster, paths.features("pretrained", "source"), paths.cluster)
+def stage_cluster(job: Job) -> dict:
+    paths = job.paths
+    res = run_cluster(job.cfg.cluster, paths.features("pretrained", "source"), paths.cluster)
     return {**res, **cluster_quality(read_items(paths.items("source")), read_assignments(paths.cluster))}
 
 
@@ -284,7 +400,7 @@ def cluster_quality(items: pa.Table, assignments: pa.Table) -> dict:
     truth = np.unique([labels[i] for i in assignments["id"].to_pylist()], return_inverse=True)[1]
     pred = assignments["cluster"].to_numpy()
     c = int(truth.max()) + 1
-    table = np.bincount(pred * c + truth, minlength=(int(pred.max()) + 1) * c).reshape(-1, c)  # cluster x class counts
+    table = np.bincount(pred * c + truth, minlength=(int(pred.max()) + 1) * c).reshape(-1, c)  # cluster x class
     return {
         "nmi": float(normalized_mutual_info_score(truth, pred)),
         "ari": float(adjusted_rand_score(truth, pred)),
@@ -292,38 +408,33 @@ def cluster_quality(items: pa.Table, assignments: pa.Table) -> dict:
     }
 
 
-def stage_retrain(cfg: JobConfig, run: RunDir, paths: Paths) -> dict:
+def stage_retrain(job: Job) -> dict:
     from cf_ray.train.loop import train_classifier
 
+    cfg, paths = job.cfg, job.paths
     a = read_assignments(paths.cluster)
     items = read_items(paths.items("source")).join(a.select(["id", "cluster"]), "id", join_type="inner")
     items = items.sort_by("id").rename_columns([c if c != "cluster" else "target" for c in items.column_names])
     counts = np.bincount(items["target"].to_numpy(), minlength=cfg.cluster.k)
     res = train_classifier(
-        cfg.retrain,
-        cfg.media,
-        items,
-        "labels",
-        cfg.cluster.k,
-        paths.train,
-        "retrain",
-        paths.model("clusterfit"),
-        threads=_threads(cfg),
+        cfg.retrain, cfg.media, items, "labels", cfg.cluster.k, paths.train, "retrain", paths.model("clusterfit")
     )
     return {"history": res["history"], "items": res["rows"], "classes": int((counts > 0).sum()), "best": res["best"]}
 
 
-def stage_transfer(cfg: JobConfig, paths: Paths, name: str, target: TargetConfig) -> dict:
+def stage_transfer(job: Job, name: str, target: TargetConfig) -> dict:
     """Linear probes per layer for every model on one target and, with probe.finetune, each model fine-tuned
     whole (key ``finetuned``)."""
     from cf_ray.stages.finetune import run_finetune
 
+    cfg, paths = job.cfg, job.paths
     probe = cfg.probe.model_copy(update={"multi_label": target.multi_label})
-    train, test = f"{name}_train", f"{name}_test"
+    train, test = names.dataset(name, "train"), names.dataset(name, "test")
     out = {}
     for m in MODELS:
         out[m] = run_probe(probe, paths.features(m, train), paths.features(m, test))
         if cfg.probe.finetune:
+            tuned = names.finetuned(m, name)
             out[m]["finetuned"] = run_finetune(
                 cfg.probe.finetune_train,
                 cfg.extract,
@@ -331,57 +442,14 @@ def stage_transfer(cfg: JobConfig, paths: Paths, name: str, target: TargetConfig
                 paths.items(train),
                 paths.items(test),
                 paths.model(m),
-                paths.model(finetuned(m, name)),
-                paths.features(finetuned(m, name), test),
+                paths.model(tuned),
+                paths.features(tuned, test),
                 paths.train,
                 f"finetune_{m}_{name}",
-                threads=_threads(cfg),
             )
-        log(
+        logger.info(
             f"transfer to {name}, {m}: "
             + ", ".join(f"{l} {100 * v['score']:.1f}" for l, v in out[m].items())
             + (" (mAP)" if probe.multi_label else " (top-1 %)")
         )
     return {"target": target.path, "transfer": out}
-
-
-def run_transfer(cfg: JobConfig, run: RunDir, paths: Paths, inputs: dict) -> dict:
-    """Every target's stages in order: {target name: {model: {layer: probe result}}}. A target added to a
-    finished run gets only its own stages."""
-    out = {}
-    for name, target in cfg.transfer_targets().items():
-        run.stage(f"items_{name}", lambda n=name: stage_items(run, paths, inputs, tuple(f"{n}_{s}" for s in SPLITS)))
-        for m in MODELS:
-            for s in SPLITS:
-                run.stage(f"extract_{m}_{name}_{s}", lambda m=m, d=f"{name}_{s}": stage_extract(cfg, run, paths, m, d))
-        out[name] = run.stage(f"transfer_{name}", lambda n=name, t=target: stage_transfer(cfg, paths, n, t))["transfer"]
-    return out
-
-
-def report_title(cfg: JobConfig) -> str:
-    return f"ClusterFit ({cfg.modality}s): {cfg.data}"
-
-
-def run_job(cfg: JobConfig) -> dict:
-    from cf_ray.runtime import init_ray
-
-    inputs = check_inputs(cfg)
-    try:
-        run = RunDir(cfg.run_dir)
-        storage.write_bytes(run.path("config.yaml"), dump_config(cfg).encode())
-    except OSError as e:
-        raise ConfigError(
-            f"run_dir {cfg.run_dir} is not writable ({e}); pass --run-dir <a writable path or URI>"
-        ) from None
-    paths = Paths(run)
-    init_ray(cfg.ray.num_cpus, cfg.ray.object_store_mb)
-    check_cluster(cfg)
-    run.stage("items", lambda: stage_items(run, paths, inputs))
-    run.stage("pretrain", lambda: stage_pretrain(cfg, run, paths))
-    run.stage("extract_source", lambda: stage_extract(cfg, run, paths, "pretrained", "source"))
-    run.stage("cluster", lambda: stage_cluster(cfg, paths))
-    run.stage("retrain", lambda: stage_retrain(cfg, run, paths))
-    transfer = run_transfer(cfg, run, paths, inputs)
-    run.stage("report", lambda: run_report(run.root, report_title(cfg)), force=True)
-    log(f"report: {run.path('report.md')}")
-    return {"run_dir": run.root, "report": run.path("report.md"), "transfer": transfer}

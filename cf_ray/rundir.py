@@ -7,6 +7,7 @@ of the stage is complete; a rerun skips done stages and redoes the rest.
 from __future__ import annotations
 
 import io
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -15,11 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cf_ray import storage
-from cf_ray.sources import ERRORS_SCHEMA
+from cf_ray.media.items import ERRORS_SCHEMA
 
-
-def log(msg: str) -> None:
-    print(f"[cf_ray {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,9 +58,9 @@ class RunDir:
     def stage(self, name: str, fn: Callable[[], dict | None], force: bool = False) -> dict:
         """Run ``fn`` unless the stage is already done; returns its recorded outputs/metrics."""
         if self.is_done(name) and not force:
-            log(f"stage {name}: already done, skipping (delete its entry in {self.manifest_path} to redo)")
+            logger.info(f"stage {name}: already done, skipping (delete its entry in {self.manifest_path} to redo)")
             return self.manifest()["stages"][name].get("result", {})
-        log(f"stage {name}: starting")
+        logger.info(f"stage {name}: starting")
         t0 = time.time()
         self._update(name, status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"))
         try:
@@ -71,7 +70,7 @@ class RunDir:
             raise
         secs = round(time.time() - t0, 1)
         self._update(name, status="done", seconds=secs, result=result)
-        log(f"stage {name}: done in {secs}s")
+        logger.info(f"stage {name}: done in {secs}s")
         return result
 
     # --- errors table (skipped inputs, with reasons) ------------------------------------------

@@ -53,6 +53,16 @@ def step_settings(precision: str, channels_last: str, device_type: str, video: b
     return fmt, lambda: torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16)
 
 
+def worker_threads(num_workers: int, cpus_per_worker: float) -> int:
+    """Torch threads for each of ``num_workers`` training workers: on a local Ray its share of the machine's CPUs
+    (Ray Data's decode tasks use the same cores between steps), at least its own CPUs; 0 (= its cpus_per_worker)
+    on a joined cluster, whose nodes Ray shares out."""
+    if os.environ.get("RAY_ADDRESS") or not ray.is_initialized():
+        return 0
+    local = int(ray.cluster_resources().get("CPU", 1))
+    return max(int(cpus_per_worker), local // max(1, num_workers), 1)
+
+
 def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
 

@@ -16,12 +16,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from cf_ray import storage
+from cf_ray.media.items import ERRORS_SCHEMA
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
 
 ITEMS_SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("label", pa.string())])
-ERRORS_SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("stage", pa.string()), ("error", pa.string())])
 
 
 class SourceError(ValueError):

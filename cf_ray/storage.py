@@ -91,3 +91,28 @@ def delete_dir(path: str) -> None:
     fs, p = resolve(path)
     if fs.get_file_info(p).type != pafs.FileType.NotFound:
         fs.delete_dir(p)
+
+
+# --- done markers: an output folder is complete only once its marker exists (written last) ---------------
+SUCCESS = "_SUCCESS.json"
+
+
+class IncompleteOutputError(RuntimeError):
+    """An output folder without its done marker: it was interrupted, or is still being written."""
+
+
+def is_complete(uri: str) -> bool:
+    return exists(join(uri, SUCCESS))
+
+
+def mark_complete(uri: str, info: dict) -> None:
+    write_json(join(uri, SUCCESS), info)
+
+
+def read_marker(uri: str) -> dict:
+    return read_json(join(uri, SUCCESS))
+
+
+def require_complete(uri: str, what: str = "its extraction") -> None:
+    if not is_complete(uri):
+        raise IncompleteOutputError(f"{uri} has no {SUCCESS}: {what} did not finish; rerun the job to resume it")

@@ -10,6 +10,7 @@ runs in its own sub folder with its own stages, so a killed sweep resumes where 
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import re
@@ -17,15 +18,15 @@ import re
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import Field, PositiveInt, model_validator
 
-from cf_ray import storage
+from cf_ray import features, storage
 from cf_ray.config import ConfigError, JobConfig, ModelConfig, _Strict, dump_config, load_config
 from cf_ray.kmeans.core import l2_normalize
+from cf_ray.media.items import read_items, write_items
 from cf_ray.pipeline import (
+    Job,
     Paths,
-    _threads,
     check_inputs,
     cluster_quality,
     pretrain_targets,
@@ -34,11 +35,14 @@ from cf_ray.pipeline import (
     stage_pretrain,
     stage_retrain,
 )
-from cf_ray.rundir import RunDir, log
-from cf_ray.sources import IMAGE_EXTS, load_target
+from cf_ray.rundir import RunDir
+from cf_ray.sources import IMAGE_EXTS, VIDEO_EXTS, load_target
+from cf_ray.stages import names
 from cf_ray.stages.cluster import read_assignments, run_cluster
-from cf_ray.stages.extract import SUCCESS, read_features, read_items, write_items
 from cf_ray.stages.probe import run_probe
+from cf_ray.train.tasks import get_task
+
+logger = logging.getLogger(__name__)
 
 FUSE = "fuse:"
 
@@ -99,11 +103,6 @@ class SweepConfig(_Strict):
         description="Train the probes on a seeded subset of this many target "
         "train items (the test split is always whole); none: all.",
     )
-    targets: dict[str, str] = Field(
-        {},
-        description="Transfer targets, name -> labelled folder (train/ + test/, or one folder split "
-        "by probe.test_fraction); default: {target: job.target}.",
-    )
     grid: GridConfig = Field(default_factory=GridConfig)
     controls: ControlsConfig = Field(default_factory=ControlsConfig)
     fuse_run: str | None = Field(
@@ -146,7 +145,7 @@ class Sweep:
 
     def __init__(self, cfg: SweepConfig):
         self.cfg = cfg
-        self.targets = cfg.targets or {n: t.path for n, t in cfg.job.transfer_targets().items()}
+        self.targets = cfg.job.transfer_targets()  # name -> TargetConfig (path, multi_label)
         try:
             self.run = RunDir(cfg.run_dir)
             storage.write_bytes(self.run.path("sweep.yaml"), dump_config(cfg).encode())
@@ -176,18 +175,18 @@ class Sweep:
         from cf_ray.runtime import init_ray
 
         cfg, run = self.cfg, self.run
-        exts = IMAGE_EXTS
+        exts = VIDEO_EXTS if cfg.job.modality == "video" else IMAGE_EXTS
+        job = Job(cfg.job, run, self.paths)
         if cfg.base_run is None:
-            # The largest K is checked against the source size, the first target for labels.
-            job = cfg.job.model_copy(deep=True)
-            job.cluster.k, job.target, job.targets = max(cfg.grid.k), next(iter(self.targets.values())), {}
-            inputs = check_inputs(job)
-            run.stage("items", lambda: stage_items(run, self.paths, {"source": inputs["source"]}))
+            check = cfg.job.model_copy(deep=True)
+            check.cluster.k = max(cfg.grid.k)  # the largest K is checked against the source size
+            job.inputs = check_inputs(check)
+            run.stage("items", lambda: stage_items(job, ("source",)))
         run.stage("items_targets", lambda: self._write_targets(exts))
         init_ray(cfg.job.ray.num_cpus, cfg.job.ray.object_store_mb)
         if cfg.base_run is None:
-            run.stage("pretrain", lambda: stage_pretrain(cfg.job, run, self.paths))
-            run.stage("extract_source", lambda: stage_extract(cfg.job, run, self.paths, "pretrained", "source"))
+            run.stage("pretrain", lambda: stage_pretrain(job))
+            run.stage("extract_source", lambda: stage_extract(job, "pretrained", "source"))
         run.stage("cluster_source", self._write_cluster_source)
         for layer in sorted({s["layer"] for s in settings(cfg)}):
             run.stage(f"cluster_input_{layer}", lambda layer=layer: self._write_cluster_input(layer))
@@ -196,11 +195,12 @@ class Sweep:
 
     def _write_targets(self, exts) -> dict:
         out = {}
-        for t, path in self.targets.items():
+        for t, target in self.targets.items():
+            path = target.path
             train, test, skipped = load_target(path, self.cfg.job.probe.test_fraction, self.cfg.job.seed, exts)
             train = seeded_subset(train, self.cfg.target_train_limit, self.cfg.job.seed)
-            write_items(train, self.paths.items(f"{t}_train"))
-            write_items(test, self.paths.items(f"{t}_test"))
+            write_items(train, self.paths.items(names.dataset(t, "train")))
+            write_items(test, self.paths.items(names.dataset(t, "test")))
             self.run.record_errors(skipped, "list", t)
             out[t] = {"path": path, "train": train.num_rows, "test": test.num_rows, "skipped": skipped.num_rows}
         return out
@@ -217,7 +217,8 @@ class Sweep:
 
     def _write_cluster_input(self, layer: str) -> dict:
         """Features of the clustered items for one grid layer, as one ``feat_input`` column (what k-means reads)."""
-        keep = set(read_items(self.run.path("items", "cluster_source.parquet"))["id"].to_pylist())
+        source = read_items(self.run.path("items", "cluster_source.parquet"))
+        paths_of = dict(zip(source["id"].to_pylist(), source["path"].to_pylist()))
         parts = []
         for spec in layer.split("+"):
             if spec.startswith(FUSE):
@@ -227,29 +228,17 @@ class Sweep:
                 parts.append((self.base_paths.features("pretrained", "source"), spec))
         tables = []
         for uri, tap in parts:
-            ids, x, labels = read_features(uri, tap, with_labels=True)
+            ids, x, labels = features.read_features(uri, tap, with_labels=True)
             x = l2_normalize(x) if len(parts) > 1 else x  # k-means L2-normalises the joined vector again
-            tables.append({i: (v, lab) for i, v, lab in zip(ids, x, labels) if i in keep})
+            tables.append({i: (v, lab) for i, v, lab in zip(ids, x, labels) if i in paths_of})
         ids = sorted(set.intersection(*[set(t) for t in tables]))
         if not ids:
             raise ConfigError(f"no source item has features for every part of layer {layer!r}")
         x = np.concatenate([np.stack([t[i][0] for i in ids]) for t in tables], axis=1).astype(np.float32)
-        out = self.cluster_input(layer)
-        storage.makedirs(out)
-        fs, p = storage.resolve(storage.join(out, "part-00000.parquet"))
-        pq.write_table(
-            pa.table(
-                {
-                    "id": pa.array(ids, pa.string()),
-                    "label": pa.array([tables[0][i][1] for i in ids], pa.string()),
-                    "error": pa.array([""] * len(ids), pa.string()),
-                    "feat_input": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1]),
-                }
-            ),
-            p,
-            filesystem=fs,
+        table = features.feature_table(
+            ids, [paths_of[i] for i in ids], [tables[0][i][1] for i in ids], [""] * len(ids), {"input": x}
         )
-        storage.write_json(storage.join(out, SUCCESS), {"rows": len(ids), "dim": int(x.shape[1])})
+        features.write_folder(self.cluster_input(layer), table, {"dim": int(x.shape[1])})
         return {"rows": len(ids), "dim": int(x.shape[1]), "parts": [t for _, t in parts]}
 
     def _reference_paths(self, model: str) -> SubPaths:
@@ -260,22 +249,23 @@ class Sweep:
 
     # --- per model: target features and probes ------------------------------------------------
     def evaluate(self, run: RunDir, paths: Paths, model: str, stage_prefix: str = "") -> dict:
+        job = Job(self.cfg.job, run, paths)
         out = {}
-        for t in self.targets:
-            for split in ("train", "test"):
-                run.stage(
-                    f"{stage_prefix}extract_{t}_{split}",
-                    lambda t=t, split=split: stage_extract(self.cfg.job, run, paths, model, f"{t}_{split}"),
-                )
+        for t, target in self.targets.items():
+            for split in names.SPLITS:
+                d = names.dataset(t, split)
+                run.stage(f"{stage_prefix}extract_{d}", lambda d=d: stage_extract(job, model, d))
+            probe = self.cfg.job.probe.model_copy(update={"multi_label": target.multi_label})
+            train, test = (
+                paths.features(model, names.dataset(t, "train")),
+                paths.features(model, names.dataset(t, "test")),
+            )
             out[t] = run.stage(
-                f"{stage_prefix}probe_{t}",
-                lambda t=t: {
-                    "transfer": run_probe(
-                        self.cfg.job.probe, paths.features(model, f"{t}_train"), paths.features(model, f"{t}_test")
-                    )
-                },
+                f"{stage_prefix}probe_{t}", lambda p=probe, a=train, b=test: {"transfer": run_probe(p, a, b)}
             )["transfer"]
-            log(f"transfer {model} -> {t}: " + ", ".join(f"{l} {100 * v['top1']:.1f}%" for l, v in out[t].items()))
+            logger.info(
+                f"transfer {model} -> {t}: " + ", ".join(f"{l} {100 * v['score']:.1f}%" for l, v in out[t].items())
+            )
         return out
 
     # --- ClusterFit settings and controls -----------------------------------------------------
@@ -294,7 +284,7 @@ class Sweep:
             return {**res, **cluster_quality(items, read_assignments(paths.cluster))}
 
         clusters = sub.stage("cluster", cluster)
-        retrain = sub.stage("retrain", lambda: stage_retrain(job, sub, paths))
+        retrain = sub.stage("retrain", lambda: stage_retrain(Job(job, sub, paths)))
         transfer = self.evaluate(sub, paths, "clusterfit")
         return {
             "kind": "clusterfit",
@@ -313,7 +303,7 @@ class Sweep:
         if self.cfg.controls.epochs:
             return [self.cfg.controls.epochs]
         pre = self.base_cfg.pretrain
-        views = 4 if pre.source != "labels" and pre.proxy == "rotation" else 1
+        views = get_task("labels" if pre.source == "labels" else pre.proxy).views
         return sorted({math.ceil(e / views) for e in self.cfg.grid.epochs})
 
     def run_control(self, name: str, epochs: int) -> dict:
@@ -341,7 +331,6 @@ class Sweep:
                     paths.train,
                     name,
                     paths.model("clusterfit"),
-                    threads=_threads(self.cfg.job),
                     init_from=state,
                 )
             else:
@@ -360,7 +349,6 @@ class Sweep:
                     paths.train,
                     name,
                     paths.model("clusterfit"),
-                    threads=_threads(self.cfg.job),
                 )
             return {"history": res["history"], "items": res["rows"], "from_state": state}
 
@@ -421,7 +409,7 @@ def run_sweep(cfg: SweepConfig, report_only: bool = False) -> dict:
         for s in grid[1:]:
             sweep.run.stage(f"setting_{s['name']}", lambda s=s: sweep.run_setting(s))
     report = sweep.run.stage("report", lambda: write_sweep_report(sweep, row_names(sweep)), force=True)
-    log(f"sweep report: {report['report']}")
+    logger.info(f"sweep report: {report['report']}")
     return {"run_dir": sweep.run.root, **report}
 
 
@@ -429,8 +417,8 @@ def load_sweep_config(path: str | None, overrides: list[str]) -> SweepConfig:
     cfg = load_config(SweepConfig, path, overrides)
     if not cfg.base_run and not cfg.job.data:
         raise ConfigError("no source data: set job.data=<images> (or base_run=<a finished job run directory>)")
-    if not (cfg.targets or cfg.job.transfer_targets()):
-        raise ConfigError("no transfer target: set job.target=<labelled folder> or targets.<name>=<folder>")
+    if not cfg.job.transfer_targets():
+        raise ConfigError("no transfer target: set job.target=<labelled folder> or job.targets.<name>=<folder>")
     for path in [cfg.base_run, cfg.fuse_run]:
         if path and not os.path.exists(os.path.join(path, "manifest.json")) and "://" not in path:
             raise ConfigError(f"{path} is not a run directory (no manifest.json)")

@@ -20,9 +20,10 @@ from PIL import Image
 
 from cf_ray.config import ExtractConfig, ImageConfig, ModelConfig, VideoConfig
 from cf_ray.demo_video import write_video
+from cf_ray.media.items import write_items
 from cf_ray.models.checkpoint import build, save_backbone
 from cf_ray.sources import SourceError, list_items
-from cf_ray.stages.extract import run_extract, write_items
+from cf_ray.stages.extract import run_extract
 
 NON_UTF8 = b"caf\xe9.jpg"  # Latin-1 bytes: a legal Linux file name that is not UTF-8
 

@@ -7,9 +7,11 @@ import pytest
 from helpers import write_image
 
 from cf_ray.config import ExtractConfig, ImageConfig, ModelConfig
+from cf_ray.features import read_features
+from cf_ray.media.items import write_items
 from cf_ray.models.checkpoint import build, save_backbone
 from cf_ray.sources import list_items
-from cf_ray.stages.extract import read_features, run_extract, write_items
+from cf_ray.stages.extract import run_extract
 
 
 @pytest.fixture(scope="module")

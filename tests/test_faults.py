@@ -22,10 +22,12 @@ import torch
 from helpers import write_image
 
 from cf_ray.config import ExtractConfig, ImageConfig, ModelConfig
+from cf_ray.features import IncompleteOutputError, read_features
+from cf_ray.media.items import write_items
 from cf_ray.models.checkpoint import build, save_backbone
 from cf_ray.sources import list_items
 from cf_ray.stages.cluster import read_assignments
-from cf_ray.stages.extract import IncompleteOutputError, read_features, run_extract, write_items
+from cf_ray.stages.extract import run_extract
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(600)

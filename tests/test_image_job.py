@@ -114,6 +114,21 @@ def test_image_job_end_to_end_resume_and_a_second_target(ray_session, demo):
     assert (run / "models" / "clusterfit" / "backbone.pt").exists()
     assert load_config(JobConfig, run / "config.yaml") == cfg2
 
+    # `cf-ray cluster` redoes k-means alone (the same opening as the whole job: config.yaml is rewritten); the
+    # stages that depend on it are forgotten, the others are kept as they were.
+    from cf_ray.cli import main
+
+    before = stages
+    args = TINY + [f"data={data}", f"target={target}", f"run_dir={run}", f"targets.shapes.path={shapes}"]
+    assert main(["cluster", *args, "targets.shapes.multi_label=true", "cluster.k=5"]) == 0
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    assert "k: 5" in (run / "config.yaml").read_text() and stages["cluster"]["status"] == "done"
+    assert pq.read_table(run / "cluster" / "assignments.parquet")["cluster"].to_numpy().max() < 5
+    forgotten = {"retrain", "extract_clusterfit_target_test", "transfer_target", "transfer_shapes", "report"}
+    assert not forgotten & set(stages) and not (run / "models" / "clusterfit").exists()
+    kept = ("pretrain", "extract_source", "extract_pretrained_target_test", "extract_random_shapes_train")
+    assert all(stages[n] == before[n] for n in kept)
+
 
 def test_bad_inputs_fail_before_ray_work(demo, tmp_path):
     _, data, target = demo

@@ -16,9 +16,10 @@ import pytest
 from sklearn.metrics import normalized_mutual_info_score
 
 from cf_ray.config import ClusterConfig
+from cf_ray.features import part_files
 from cf_ray.kmeans import core
 from cf_ray.kmeans._checkpoint import CheckpointMismatch
-from cf_ray.kmeans.distributed import ShardPool, fit_distributed, list_feature_files
+from cf_ray.kmeans.distributed import ShardPool, fit_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(180)  # a resource deadlock fails fast instead of hanging the suite
@@ -217,7 +218,7 @@ def test_run_cluster_ray_backend_writes_stage_outputs(ray_session, data, tmp_pat
     assert normalized_mutual_info_score(truth, a["cluster"]) > 0.9
     c = np.load(out / "centroids.npy")
     np.testing.assert_allclose(a["distance"].sum(), sse(x, c), rtol=1e-4)
-    assert len(list_feature_files(str(Path(files[0]).parent))) == 4
+    assert len(part_files(str(Path(files[0]).parent))) == 4
 
 
 CLUSTER_SCRIPT = textwrap.dedent("""

@@ -4,8 +4,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from cf_ray.config import ProbeConfig
-from cf_ray.stages.extract import SUCCESS
 from cf_ray.stages.probe import probe_layer, run_probe
+from cf_ray.storage import SUCCESS
 
 
 def _blobs(n, d, k, sep, seed):

@@ -104,10 +104,11 @@ def test_sweep_reuses_pretraining_and_resumes(ray_session, demo):
 
 def test_fuse_layer_joins_two_networks_features(ray_session, demo):
     """fuse:res5 clusters [l2(base res5) | l2(fuse_run res5)] for the source items both networks have features of."""
+    from cf_ray.features import read_features
     from cf_ray.kmeans.core import l2_normalize
     from cf_ray.pipeline import Paths
     from cf_ray.rundir import RunDir
-    from cf_ray.stages.extract import read_features, run_extract
+    from cf_ray.stages.extract import run_extract
     from cf_ray.sweep import Sweep
 
     root, data, target = demo

@@ -5,10 +5,11 @@ import torch
 
 from cf_ray.config import ExtractConfig, ImageConfig, ModelConfig, TrainConfig
 from cf_ray.demo import make_image_demo
+from cf_ray.media.decode import normalize
 from cf_ray.media.image import decode_images
+from cf_ray.media.items import write_items
 from cf_ray.models.checkpoint import build, load_backbone, save_backbone
 from cf_ray.sources import list_items
-from cf_ray.stages.extract import normalize, write_items
 from cf_ray.stages.finetune import run_finetune
 from cf_ray.train.loop import load_head
 

@@ -38,6 +38,7 @@ TINY = [
     "retrain.channels_last=yes",
     "extract.precision=bf16",
     "extract.channels_last=yes",
+    "extract.clip_features=true",
 ]
 
 

@@ -12,6 +12,7 @@ seeded initial sample, and hence the result, does not depend on the number of ac
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from typing import Callable
@@ -19,7 +20,6 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
@@ -27,7 +27,8 @@ from cf_ray import metrics, storage
 from cf_ray.kmeans import _checkpoint as ckpt
 from cf_ray.kmeans import core
 from cf_ray.kmeans._blas import faiss_blas_note
-from cf_ray.rundir import log
+
+logger = logging.getLogger(__name__)
 
 KPP_SAMPLE_PER_CLUSTER = 20  # k-means++ runs on a seeded sample of this many rows per cluster
 
@@ -37,17 +38,6 @@ class ShardError(RuntimeError):
 
 
 # --- reading feature shards ------------------------------------------------------------------------
-
-
-def list_feature_files(uri: str) -> list[str]:
-    """The part files of an extract output folder (names starting with '_' or '.' are metadata)."""
-    fs, p = storage.resolve(uri)
-    infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
-    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
-    files = [storage.join(uri, n) for n in names if not n.startswith(("_", "."))]
-    if not files:
-        raise FileNotFoundError(f"no feature Parquet files in {uri}")
-    return files
 
 
 def partition_rows(rows: list[int], parts: int) -> list[list[int]]:
@@ -284,13 +274,13 @@ class ShardPool:
         self.n, self.d = int(self.offsets[-1]), int(infos[0]["dim"])
         self.token, self._transform_ref, self.transform = None, None, None
         self._subset_refs = None  # per-shard (key, local indices) while training on a subsample
-        log(
+        logger.info(
             f"kmeans[ray]: {self.n} rows x {self.d} ({layer}) in {len(self.files)} files on {len(self.actors)} "
             f"actor(s), "
             f"{cpus_per_actor} CPU{' + 1 GPU' if self.gpu else ''} each"
         )
         for note in sorted({i["blas_note"] for i in infos if i["blas_note"]}):
-            log(f"kmeans[ray]: note: {note}")
+            logger.info(f"kmeans[ray]: note: {note}")
 
     def _wait_started(self, cpus: float, timeout_s: float) -> None:
         """Fail with the resource picture instead of waiting forever for actors that cannot be placed."""
@@ -316,7 +306,7 @@ class ShardPool:
                 f"times: {err}"
             ) from err
         self.reissues[i] += 1
-        log(f"kmeans[ray]: shard {i} lost ({type(err).__name__}); starting a new actor and re-issuing the call")
+        logger.info(f"kmeans[ray]: shard {i} lost ({type(err).__name__}); starting a new actor and re-issuing the call")
         ray.kill(self.actors[i], no_restart=True)
         self.actors[i] = self._new_actor(i)
 
@@ -489,14 +479,14 @@ def _start(
     subset = training_rows(pool.n, cfg.k, cfg.max_points_per_centroid, cfg.seed)
     pool.set_subset(subset)
     if subset is not None:
-        log(
+        logger.info(
             f"kmeans[ray]: training on a seeded sample of {len(subset)} of {pool.n} rows (max_points_per_centroid="
             f"{cfg.max_points_per_centroid}); every row is assigned at the end"
         )
     state = ckpt.load_state(checkpoint_uri, fingerprint) if checkpoint_uri else None
     if state is not None:
         pool.set_transform(state.transform)
-        log(f"kmeans[ray]: resuming from {checkpoint_uri} after iteration {state.iteration}")
+        logger.info(f"kmeans[ray]: resuming from {checkpoint_uri} after iteration {state.iteration}")
         return state
     pool.set_transform(_transform_for(pool, cfg.pca_dim))
     if init_centroids is not None:
@@ -581,7 +571,7 @@ def fit_distributed(
             if checkpoint_uri:
                 ckpt.save_state(checkpoint_uri, state, fingerprint)
             metrics.kmeans_iteration(rec["obj"], layer)
-            log(
+            logger.info(
                 f"kmeans[ray] it {it}: obj {rec['obj']:.6g} imbalance {rec['imbalance']:.3f} nsplit {rec['nsplit']} "
                 f"{rec['time']:.2f}s"
             )

@@ -13,6 +13,7 @@ rerun resumes) and writes assignments.parquet as a folder of part files, one per
 from __future__ import annotations
 
 import io
+import logging
 import time
 
 import numpy as np
@@ -22,12 +23,12 @@ import pyarrow.parquet as pq
 
 from cf_ray import metrics, storage
 from cf_ray.config import ClusterConfig
+from cf_ray.features import read_features
 from cf_ray.kmeans._blas import faiss_blas_note
 from cf_ray.kmeans.core import cluster_stats, preprocess_fit, sizes_stats
-from cf_ray.rundir import log
-from cf_ray.stages.extract import IncompleteOutputError, read_features, require_complete
+from cf_ray.storage import SUCCESS, require_complete
 
-SUCCESS = "_SUCCESS.json"
+logger = logging.getLogger(__name__)
 
 
 class ClusterInputError(ValueError):
@@ -65,7 +66,7 @@ def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray
 def run_cluster(cfg: ClusterConfig, features_uri: str, out_uri: str) -> dict:
     marker = storage.join(out_uri, SUCCESS)
     if storage.exists(marker):
-        log(f"cluster: {out_uri} is complete, nothing to do")
+        logger.info(f"cluster: {out_uri} is complete, nothing to do")
         return storage.read_json(marker)
     require_complete(features_uri)
     t0 = time.time()
@@ -79,7 +80,9 @@ def run_cluster(cfg: ClusterConfig, features_uri: str, out_uri: str) -> dict:
         k: stats[k] for k in ("n", "d", "k", "objective", "imbalance", "empty", "min_size", "max_size", "seconds")
     }
     storage.write_json(marker, summary)
-    log(f"cluster: objective {stats['objective']:.4g}, imbalance {stats['imbalance']:.3f}, empty {stats['empty']}")
+    logger.info(
+        f"cluster: objective {stats['objective']:.4g}, imbalance {stats['imbalance']:.3f}, empty {stats['empty']}"
+    )
     return summary
 
 
@@ -94,10 +97,10 @@ def _cluster_faiss(cfg: ClusterConfig, features_uri: str, out_uri: str) -> dict:
     ids, feats = read_features(features_uri, cfg.layer)
     n = len(ids)
     _check_size(n, cfg.k, features_uri)
-    log(f"cluster: {n} x {feats.shape[1]} features ({cfg.layer}) -> k={cfg.k}, niter={cfg.niter}")
+    logger.info(f"cluster: {n} x {feats.shape[1]} features ({cfg.layer}) -> k={cfg.k}, niter={cfg.niter}")
     note = faiss_blas_note()
     if note:
-        log(f"cluster: note: {note}")
+        logger.info(f"cluster: note: {note}")
     x, transform = preprocess_fit(feats, l2=cfg.l2_normalize, pca_dim=cfg.pca_dim)
     centroids, history = fit_faiss(x, cfg)
     for h in history:
@@ -122,16 +125,19 @@ def _cluster_ray(cfg: ClusterConfig, features_uri: str, out_uri: str) -> dict:
     """Sharded fit and assignment; the rows stay in the actors, only k x d arrays reach this process."""
     import ray
 
-    from cf_ray.kmeans.distributed import ShardPool, fit_distributed, list_feature_files
+    from cf_ray.features import part_files
+    from cf_ray.kmeans.distributed import ShardPool, fit_distributed
     from cf_ray.runtime import init_ray
 
     if not ray.is_initialized():
         init_ray()
-    files = list_feature_files(features_uri)
+    files = part_files(features_uri)
+    if not files:
+        raise FileNotFoundError(f"no feature Parquet files in {features_uri}")
     pool = ShardPool(files, cfg.layer, cfg.num_actors, cfg.cpus_per_actor, l2=cfg.l2_normalize)
     try:
         _check_size(pool.n, cfg.k, features_uri)
-        log(
+        logger.info(
             f"cluster: {pool.n} x {pool.d} features ({cfg.layer}) -> k={cfg.k}, niter={cfg.niter} on "
             f"{len(pool.actors)} Ray actor(s)"
         )
@@ -175,8 +181,7 @@ def _remove(path: str) -> None:
 
 def read_assignments(out_uri: str) -> pa.Table:
     """(id, cluster, distance) of every item: one file (faiss backend) or a folder of parts (ray)."""
-    if not storage.exists(storage.join(out_uri, SUCCESS)):
-        raise IncompleteOutputError(f"{out_uri} has no {SUCCESS}: clustering did not finish; rerun the job to redo it")
+    require_complete(out_uri, "clustering")
     fs, p = storage.resolve(storage.join(out_uri, "assignments.parquet"))
     if fs.get_file_info(p).type != pafs.FileType.Directory:
         return pq.read_table(p, filesystem=fs)

@@ -7,6 +7,7 @@ keeps under ``<run>/train/pretrain``.
 from __future__ import annotations
 
 import io
+import logging
 
 import numpy as np
 import pyarrow as pa
@@ -15,8 +16,10 @@ import torch
 
 from cf_ray import storage
 from cf_ray.config import ImageConfig, ModelConfig
-from cf_ray.rundir import log
-from cf_ray.train.loop import STATE, Classifier, rotate4
+from cf_ray.train.loop import STATE, Classifier
+from cf_ray.train.tasks import get_task
+
+logger = logging.getLogger(__name__)
 
 
 def latest_state(train_dir: str) -> str:
@@ -47,11 +50,11 @@ def soft_targets(
 ) -> pa.Table:
     """``items`` that decode, with a float ``target`` list: the teacher's softmax(logits / temperature).
 
-    task=rotation: for each of the 4 rotations of the (upright, un-augmented) image, the teacher's
-    probabilities over the 4 rotations (16 values, rotation-major); task=labels: over its classes.
+    For a multi-view task (RotNet) every view of the (upright, un-augmented) image gets the teacher's
+    probabilities (views x classes values, view-major: cf_ray.train.tasks.Task.teacher_targets).
     """
+    from cf_ray.media.decode import normalize
     from cf_ray.media.image import decode_images
-    from cf_ray.stages.extract import normalize
 
     keep, rows = [], []
     with torch.inference_mode():
@@ -62,14 +65,12 @@ def soft_targets(
             if not ok.any():
                 continue
             x = normalize(out["image"][ok], media.mean, media.std)
-            if task == "rotation":
-                xr, _ = rotate4(x)
-                p = torch.softmax(teacher(xr) / temperature, 1).view(4, len(x), 4).transpose(0, 1).reshape(len(x), 16)
-            else:
-                p = torch.softmax(teacher(x) / temperature, 1)
+            p = get_task(task).teacher_targets(teacher, x, temperature)
             rows.append(p.numpy().astype(np.float32))
             keep.extend(np.flatnonzero(ok) + start)
-    probs = np.concatenate(rows) if rows else np.zeros((0, 16 if task == "rotation" else 1), np.float32)
-    log(f"distill: teacher soft targets for {len(keep)} of {items.num_rows} items ({probs.shape[1]} values each)")
+    probs = np.concatenate(rows) if rows else np.zeros((0, 1), np.float32)
+    logger.info(
+        f"distill: teacher soft targets for {len(keep)} of {items.num_rows} items ({probs.shape[1]} values each)"
+    )
     target = pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), probs.shape[1])
     return items.take(pa.array(keep, pa.int64())).append_column("target", target)

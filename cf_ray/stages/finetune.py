@@ -13,7 +13,9 @@ import torch
 
 from cf_ray import storage
 from cf_ray.config import ExtractConfig, ImageConfig, TrainConfig, VideoConfig
-from cf_ray.stages.extract import read_features, read_items, run_extract
+from cf_ray.features import read_features
+from cf_ray.media.items import read_items
+from cf_ray.stages.extract import run_extract
 
 
 def run_finetune(
@@ -27,7 +29,7 @@ def run_finetune(
     test_features_uri: str,
     storage_path: str,
     name: str,
-    threads: int = 0,
+    threads: int | None = None,
 ) -> dict:
     """Fine-tune ``backbone_uri`` on the labelled items at ``train_items_uri``; {score, top1, ...} on the test items."""
     from cf_ray.models.checkpoint import load_backbone

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from cf_ray.config import ProbeConfig
-from cf_ray.stages.extract import read_features
+from cf_ray.features import read_features
 
 
 def fit_logreg(x: np.ndarray, y: np.ndarray, num_classes: int, wd: float, steps: int) -> torch.nn.Linear:

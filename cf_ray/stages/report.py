@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 from cf_ray import storage  # noqa: E402
 from cf_ray.metrics import report_section as monitoring_section  # noqa: E402
 from cf_ray.rundir import RunDir  # noqa: E402
+from cf_ray.stages import names  # noqa: E402
 
 
 def _save(fig, path: str) -> None:
@@ -149,7 +150,8 @@ def _verdict(transfer: dict, results: dict) -> str:
     return text
 
 
-def run_report(run_dir: str, title: str = "ClusterFit run") -> dict:
+def run_report(run_dir: str, title: str = "ClusterFit run", targets: list[str] | None = None) -> dict:
+    """Report of the run; ``targets``: the transfer targets to show (default: every one the run has done)."""
     run = RunDir(run_dir)
     manifest = run.manifest()
     results = {name: st.get("result", {}) for name, st in manifest["stages"].items()}
@@ -158,7 +160,9 @@ def run_report(run_dir: str, title: str = "ClusterFit run") -> dict:
     }
     lines = [f"# {title}", "", f"Run directory: `{run.root}`", ""]
 
-    targets = {n[len("transfer_") :]: r for n, r in results.items() if n.startswith("transfer_") and r.get("transfer")}
+    if targets is None:
+        targets = [n[len(names.TRANSFER) :] for n in results if n.startswith(names.TRANSFER)]
+    targets = {t: results[names.transfer(t)] for t in targets if results.get(names.transfer(t), {}).get("transfer")}
     if targets:
         metrics["transfer"], metrics["transfer_metric"] = {}, {}
     for name, res in targets.items():

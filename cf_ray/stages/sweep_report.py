@@ -29,12 +29,13 @@ def _fmt(v, spec: str = ".3f") -> str:
 def sweep_table(refs: dict, rows: list[dict], target: str) -> list[str]:
     layers = list(refs["pretrained"][target])
     head = ["row", "NMI", "purity", "ARI", "imbalance", "train acc (own targets)", "train s"]
-    head += [f"{l} top-1" for l in layers] + [f"{l} vs pre-trained" for l in layers]
+    metric = "mAP" if refs["pretrained"][target][layers[0]].get("metric") == "map" else "top-1"
+    head += [f"{l} {metric}" for l in layers] + [f"{l} vs pre-trained" for l in layers]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    pre = {l: refs["pretrained"][target][l]["top1"] for l in layers}
+    pre = {l: refs["pretrained"][target][l]["score"] for l in layers}
     for name in ("random", "pretrained"):
-        top = [f"{100 * refs[name][target][l]['top1']:.1f}" for l in layers]
-        delta = [f"{100 * (refs[name][target][l]['top1'] - pre[l]):+.1f}" for l in layers]
+        top = [f"{100 * refs[name][target][l]['score']:.1f}" for l in layers]
+        delta = [f"{100 * (refs[name][target][l]['score'] - pre[l]):+.1f}" for l in layers]
         label = "random init" if name == "random" else "pre-trained (start of ClusterFit)"
         lines.append("| " + " | ".join([label, "", "", "", "", "", ""] + top + delta) + " |")
     for r in rows:
@@ -48,10 +49,10 @@ def sweep_table(refs: dict, rows: list[dict], target: str) -> list[str]:
             f"{100 * r['train_acc']:.1f}%",
             f"{r['train_seconds']:.0f}",
         ]
-        cells += [f"{100 * r['transfer'][target][l]['top1']:.1f}" for l in layers]
+        cells += [f"{100 * r['transfer'][target][l]['score']:.1f}" for l in layers]
         cells += [
             f"**{d:+.1f}**" if d > 0 else f"{d:+.1f}"
-            for d in (100 * (r["transfer"][target][l]["top1"] - pre[l]) for l in layers)
+            for d in (100 * (r["transfer"][target][l]["score"] - pre[l]) for l in layers)
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -64,18 +65,18 @@ def plot_sweep(refs: dict, rows: list[dict], target: str, path: str) -> None:
     h = 0.8 / len(layers)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for j, l in enumerate(layers):
-        vals = [100 * r["transfer"][target][l]["top1"] for r in rows]
+        vals = [100 * r["transfer"][target][l]["score"] for r in rows]
         bars = ax.barh(np.arange(len(rows)) + j * h - 0.4 + h / 2, vals, h, color=colours[j], label=f"{l}")
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
         ax.axvline(
-            100 * refs["pretrained"][target][l]["top1"], color=colours[j], ls="--", lw=1.2, label=f"{l} pre-trained"
+            100 * refs["pretrained"][target][l]["score"], color=colours[j], ls="--", lw=1.2, label=f"{l} pre-trained"
         )
-        ax.axvline(100 * refs["random"][target][l]["top1"], color=colours[j], ls=":", lw=1, label=f"{l} random init")
+        ax.axvline(100 * refs["random"][target][l]["score"], color=colours[j], ls=":", lw=1, label=f"{l} random init")
     ax.set_yticks(np.arange(len(rows)), labels, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("linear probe top-1 (%)")
+    ax.set_xlabel("linear probe score (%): top-1, or mAP for multi-label targets")
     ax.set_title(f"ClusterFit sweep, transfer to {target}")
-    lo = min(100 * refs["random"][target][l]["top1"] for l in layers)
+    lo = min(100 * refs["random"][target][l]["score"] for l in layers)
     ax.set_xlim(max(0, lo - 10), None)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     _save(fig, path)
@@ -113,7 +114,12 @@ def write_sweep_report(sweep, row_stages: list[str]) -> dict:
         if not all(refs[m][t] for m in refs):
             lines += [f"Target {t}: the random / pre-trained probes have not finished.", ""]
             continue
-        lines += [f"## Transfer to {t}", "", "Linear-probe top-1 (%) on the target's test split, frozen features:", ""]
+        lines += [
+            f"## Transfer to {t}",
+            "",
+            "Linear-probe top-1 (%) (mAP for a multi-label target) on the target's test split, frozen features:",
+            "",
+        ]
         lines += sweep_table(refs, rows, t) + [""]
         if rows:
             plot = run.path("plots", f"sweep_{t}.png")

@@ -9,9 +9,11 @@ single-device PyTorch; Ray Train adds the workers, DDP, checkpoints and restarts
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import tempfile
@@ -26,9 +28,13 @@ from torch import nn
 from cf_ray import metrics as cf_metrics
 from cf_ray import storage
 from cf_ray.config import ImageConfig, TrainConfig, VideoConfig
-from cf_ray.rundir import log
-from cf_ray.runtime import step_settings, want_gpu
+from cf_ray.media.decode import decoder, normalize
+from cf_ray.media.items import items_dataset
+from cf_ray.runtime import step_settings, want_gpu, worker_threads
 from cf_ray.train.sampling import balance_rates, uniform_over_classes
+from cf_ray.train.tasks import Task, get_task
+
+logger = logging.getLogger(__name__)
 
 STATE = "state.pt"
 HISTORY = "history.json"
@@ -58,24 +64,6 @@ def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor
     flip = torch.rand(n, generator=gen) < 0.5
     out[flip] = out[flip].flip(-1)
     return out.reshape(shape)
-
-
-def rotate4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """RotNet input: each image (or every frame of each clip) at 0, 90, 180, 270 degrees, targets 0..3."""
-    xs = torch.cat([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)])
-    ys = torch.arange(4).repeat_interleave(len(x))
-    return xs, ys
-
-
-def arrow_of_time(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Arrow-of-time input: each clip (N,3,T,H,W) played forward (target 0) or backward (target 1)."""
-    backward = torch.rand(len(x), generator=gen) < 0.5
-    x = x.clone()
-    x[backward] = x[backward].flip(2)
-    return x, backward.long()
-
-
-PROXY_TASKS = {"rotation": 4, "arrow_of_time": 2}  # self-supervised pre-training tasks and their classes
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -132,154 +120,201 @@ class _Epoch:
             yield batch
 
 
-def train_loop_per_worker(config: dict) -> None:
+@dataclasses.dataclass
+class _Worker:
+    """What one rank holds for the whole run (built once by ``_build``)."""
+
+    config: dict
+    cfg: TrainConfig
+    media: ImageConfig | VideoConfig
+    task: Task
+    column: str  # "image" or "clips"
+    rank: int
+    world: int
+    model: nn.Module  # DDP-wrapped where world > 1
+    inner: nn.Module  # the Classifier itself
+    device: torch.device
+    fmt: torch.memory_format | None
+    autocast: object
+    opt: torch.optim.Optimizer
+    loss_fn: nn.Module
+    rates: torch.Tensor | None  # uniform sampling over classes
+    steps_per_epoch: int
+    peak_lr: float
+    start_epoch: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    resumed_from: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config["name"]
+
+
+def _build(config: dict) -> _Worker:
+    """Model, optimizer, loss and resume state of one rank."""
     import ray.train
     import ray.train.torch as rtt
 
     from cf_ray.models.checkpoint import build
-    from cf_ray.stages.extract import normalize
 
     cfg = TrainConfig.model_validate(config["train"])
     media = (VideoConfig if config["modality"] == "video" else ImageConfig).model_validate(config["media"])
-    column = "clips" if config["modality"] == "video" else "image"
-    task, num_classes, class_weights = config["task"], config["num_classes"], config.get("class_weights")
+    task, class_weights = get_task(config["task"]), config.get("class_weights")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, config.get("threads") or int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)  # same initial weights on every rank; DDP also broadcasts them
-    net = Classifier(build(cfg.model), num_classes)
+    net = Classifier(build(cfg.model), config["num_classes"])
     if config.get("init_from"):  # start from a saved classifier (continued pre-training), head included
-        import io
-
-        net.load_state_dict(
-            torch.load(io.BytesIO(storage.read_bytes(config["init_from"])), map_location="cpu", weights_only=True)[
-                "model"
-            ]
-        )
+        net.load_state_dict(_load(config["init_from"])["model"])
     if config.get("init_backbone"):  # fine-tuning: start from a saved backbone folder (the head stays seeded-random)
         from cf_ray.models.checkpoint import load_state_dict
 
         net.backbone.load_state_dict(load_state_dict(storage.join(config["init_backbone"], "backbone.pt")))
     model = rtt.prepare_model(net)
-    inner = model.module if hasattr(model, "module") else model
     device = rtt.get_device()
+    column = "clips" if config["modality"] == "video" else "image"
     fmt, autocast = step_settings(cfg.precision, cfg.channels_last, device.type, video=column == "clips")
     if fmt is not None:
         model = model.to(memory_format=fmt)
-
-    per_image = 4 if task == "rotation" else 1
-    global_batch = cfg.batch_size * world * per_image
-    peak_lr = cfg.lr * global_batch / 256
-    opt = build_optimizer(model, cfg, peak_lr)
+    peak_lr = cfg.lr * cfg.batch_size * world * task.views / 256  # scaled by the global batch of network inputs
     weight = torch.tensor(class_weights, dtype=torch.float32, device=device) if class_weights else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-    rates = torch.tensor(config["draw_rates"], dtype=torch.float32) if config.get("draw_rates") else None
-    step_hook = config.get("step_hook")
-
-    start_epoch, history, resumed_from = 0, [], None
+    w = _Worker(
+        config=config,
+        cfg=cfg,
+        media=media,
+        task=task,
+        column=column,
+        rank=rank,
+        world=world,
+        model=model,
+        inner=model.module if hasattr(model, "module") else model,
+        device=device,
+        fmt=fmt,
+        autocast=autocast,
+        opt=build_optimizer(model, cfg, peak_lr),
+        loss_fn=nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing),
+        rates=torch.tensor(config["draw_rates"], dtype=torch.float32) if config.get("draw_rates") else None,
+        steps_per_epoch=max(1, math.ceil(config["rows"] / (cfg.batch_size * world))),
+        peak_lr=peak_lr,
+    )
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             state = torch.load(os.path.join(d, STATE), map_location=device, weights_only=True)
-            history = json.load(open(os.path.join(d, HISTORY)))
-        inner.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start_epoch = resumed_from = state["epoch"] + 1
+            w.history = json.load(open(os.path.join(d, HISTORY)))
+        w.inner.load_state_dict(state["model"])
+        w.opt.load_state_dict(state["opt"])
+        w.start_epoch = w.resumed_from = state["epoch"] + 1
         if rank == 0:
-            print(
-                f"[cf_ray] resuming {config['name']} after epoch {start_epoch} (from its last checkpoint)", flush=True
-            )
+            logger.info(f"resuming {w.name} after epoch {w.start_epoch} (from its last checkpoint)")
+    return w
 
+
+def _step(w: _Worker, batch: dict, step: int, gen: torch.Generator, ep: _Epoch) -> None:
+    """One optimizer step on one batch of decoded items."""
+    pixels = batch[w.column].numpy()
+    if w.column == "clips":
+        pixels = pixels[:, 0]  # one random clip per video and epoch
+    x = augment(normalize(pixels, w.media.mean, w.media.std), gen)
+    y = batch["target"]
+    soft = y.is_floating_point()  # distillation: a probability vector per item (per view for multi-view tasks)
+    x, y = w.task.batch(x, y.float() if soft else y.long(), gen)
+    x, y = x.to(w.device, non_blocking=True), y.to(w.device, non_blocking=True)
+    if w.fmt is not None:
+        x = x.contiguous(memory_format=w.fmt)
+    total = w.steps_per_epoch * w.cfg.epochs
+    for g in w.opt.param_groups:
+        g["lr"] = lr_at(min(step, total - 1), total, w.steps_per_epoch * w.cfg.warmup_epochs, w.peak_lr)
+    with w.autocast():
+        logits = w.model(x)
+        loss = w.loss_fn(logits.float(), y)
+    w.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    w.opt.step()
+    ep.seen += len(batch["target"])
+    ep.loss_sum += loss.detach().item() * len(y)
+    ep.correct += int((logits.argmax(1) == (y.argmax(1) if soft else y)).sum())
+    ep.n_out += len(y)
+
+
+def _end_epoch(w: _Worker, epoch: int, ep: _Epoch) -> None:
+    """Every rank's digest and count, the epoch's metrics, rank 0's checkpoint, and the report to Ray Train."""
+    import ray.train
+
+    secs = time.time() - ep.t0
+    ranks = _gather({"digest": param_digest(w.inner), "seen": ep.seen}, w.world)
+    seen = sum(r["seen"] for r in ranks)
+    metrics = {
+        "epoch": epoch + 1,
+        "loss": ep.loss_sum / max(1, ep.n_out),
+        "acc": ep.correct / max(1, ep.n_out),
+        "items_per_s": seen / max(secs, 1e-9),
+        "lr": w.opt.param_groups[0]["lr"],
+        "seconds": secs,
+        "data_wait_s": ep.data_wait,  # rank 0's
+        "rank_digests": [r["digest"] for r in ranks],  # SHA-1 of each rank's parameters: equal under DDP
+    }
+    if epoch == w.start_epoch and w.resumed_from is not None:
+        metrics["resumed_from_epoch"] = w.resumed_from  # the first epoch after a restart or a rerun
+    w.history.append(metrics)
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if w.rank == 0:
+            state = {"model": w.inner.state_dict(), "opt": w.opt.state_dict(), "epoch": epoch}
+            torch.save(state, os.path.join(d, STATE))
+            json.dump(w.history, open(os.path.join(d, HISTORY), "w"))
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+            cf_metrics.train_epoch(w.name, metrics["loss"], metrics["items_per_s"], seen)
+            logger.info(
+                f"{w.name} epoch {epoch + 1}/{w.cfg.epochs}: loss {metrics['loss']:.4f} "
+                f"acc {metrics['acc']:.3f} {metrics['items_per_s']:.0f} items/s"
+            )
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+
+    from cf_ray import log
+
+    log.setup()
+    w = _build(config)
     shard = ray.train.get_dataset_shard("train")
-    steps_per_epoch = max(1, math.ceil(config["rows"] / (cfg.batch_size * world)))
-    total_steps, warmup_steps = steps_per_epoch * cfg.epochs, steps_per_epoch * cfg.warmup_epochs
-    gen = torch.Generator()
-    for epoch in range(start_epoch, cfg.epochs):
-        gen.manual_seed(cfg.seed * 100003 + epoch * 1009 + rank)
-        model.train()
+    step_hook, gen, cfg = config.get("step_hook"), torch.Generator(), w.cfg
+    for epoch in range(w.start_epoch, cfg.epochs):
+        gen.manual_seed(cfg.seed * 100003 + epoch * 1009 + w.rank)
+        w.model.train()
         ep, last_print = _Epoch(), time.time()
-        step = epoch * steps_per_epoch
+        step = epoch * w.steps_per_epoch
         batches = shard.iter_torch_batches(
             batch_size=cfg.batch_size,
             local_shuffle_buffer_size=cfg.batch_size * 4,
             local_shuffle_seed=cfg.seed + epoch,
             drop_last=False,
         )
-        if rates is not None:
-            batches = uniform_over_classes(batches, rates, gen, cfg.batch_size)
+        if w.rates is not None:
+            batches = uniform_over_classes(batches, w.rates, gen, cfg.batch_size)
         # Uniform sampling gives ranks unequal numbers of batches; DDP's Join lets the early ones shadow the rest.
-        uneven = model.join() if world > 1 and rates is not None else contextlib.nullcontext()
+        uneven = w.model.join() if w.world > 1 and w.rates is not None else contextlib.nullcontext()
         with uneven:
             for batch in ep.timed(batches):
-                pixels = batch[column].numpy()
-                if column == "clips":
-                    pixels = pixels[:, 0]  # one random clip per video and epoch
-                x = augment(normalize(pixels, media.mean, media.std), gen)
-                y = batch["target"]
-                soft = y.is_floating_point()  # distillation: a probability vector per item (per rotation for RotNet)
-                y = y.float() if soft else y.long()
-                if task == "rotation":
-                    x, y_rot = rotate4(x)
-                    y = torch.cat(list(y.view(len(y), 4, 4).unbind(1))) if soft else y_rot
-                elif task == "arrow_of_time":
-                    x, y = arrow_of_time(x, gen)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if fmt is not None:
-                    x = x.contiguous(memory_format=fmt)
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(min(step, total_steps - 1), total_steps, warmup_steps, peak_lr)
-                with autocast():
-                    logits = model(x)
-                    loss = loss_fn(logits.float(), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                _step(w, batch, step, gen, ep)
                 step += 1
-                ep.seen += len(batch["target"])
-                ep.loss_sum += loss.detach().item() * len(y)
-                ep.correct += int((logits.argmax(1) == (y.argmax(1) if soft else y)).sum())
-                ep.n_out += len(y)
                 if step_hook is not None:
-                    step_hook(epoch + 1, step, rank)
-                if rank == 0 and time.time() - last_print > 30:
+                    step_hook(epoch + 1, step, w.rank)
+                if w.rank == 0 and time.time() - last_print > 30:
                     last_print = time.time()
-                    print(
-                        f"[cf_ray] {config['name']} epoch {epoch + 1}: ~{ep.seen * world}/{config['rows']} items, "
-                        f"loss {ep.loss_sum / ep.n_out:.4f}, {ep.seen * world / (last_print - ep.t0):.0f} items/s",
-                        flush=True,
+                    done = ep.seen * w.world
+                    logger.info(
+                        f"{w.name} epoch {epoch + 1}: ~{done}/{config['rows']} items, "
+                        f"loss {ep.loss_sum / ep.n_out:.4f}, {done / (last_print - ep.t0):.0f} items/s"
                     )
-        secs = time.time() - ep.t0
-        ranks = _gather({"digest": param_digest(inner), "seen": ep.seen}, world)
-        metrics = {
-            "epoch": epoch + 1,
-            "loss": ep.loss_sum / max(1, ep.n_out),
-            "acc": ep.correct / max(1, ep.n_out),
-            "items_per_s": sum(r["seen"] for r in ranks) / max(secs, 1e-9),
-            "lr": opt.param_groups[0]["lr"],
-            "seconds": secs,
-            "data_wait_s": ep.data_wait,  # rank 0's
-            "rank_digests": [r["digest"] for r in ranks],  # SHA-1 of each rank's parameters: equal under DDP
-        }
-        if epoch == start_epoch and resumed_from is not None:
-            metrics["resumed_from_epoch"] = resumed_from  # the first epoch after a restart or a rerun
-        history.append(metrics)
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint = None
-            if rank == 0:
-                torch.save(
-                    {"model": inner.state_dict(), "opt": opt.state_dict(), "epoch": epoch}, os.path.join(d, STATE)
-                )
-                json.dump(history, open(os.path.join(d, HISTORY), "w"))
-                checkpoint = ray.train.Checkpoint.from_directory(d)
-                cf_metrics.train_epoch(
-                    config["name"], metrics["loss"], metrics["items_per_s"], sum(r["seen"] for r in ranks)
-                )
-                print(
-                    f"[cf_ray] {config['name']} epoch {epoch + 1}/{cfg.epochs}: loss {metrics['loss']:.4f} "
-                    f"acc {metrics['acc']:.3f} {metrics['items_per_s']:.0f} items/s",
-                    flush=True,
-                )
-            ray.train.report(metrics, checkpoint=checkpoint)
+        _end_epoch(w, epoch, ep)
+
+
+def _load(uri: str) -> dict:
+    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
 
 
 def save_head(head: nn.Linear, model_uri: str) -> None:
@@ -305,8 +340,6 @@ def training_dataset(
     Images are decoded once and materialised. Videos stream: each epoch decodes one random clip per
     video again (so clips differ between epochs); their undecodable files are recorded by extraction.
     """
-    from cf_ray.stages.extract import decoder, items_dataset
-
     order = np.random.default_rng(seed).permutation(items.num_rows)  # avoid class-sorted blocks
     if isinstance(media, VideoConfig):
         block_rows = min(block_rows, 64)  # a video block is one decode task: small blocks decode in parallel
@@ -333,7 +366,7 @@ def train_classifier(
     storage_path: str,
     name: str,
     model_uri: str,
-    threads: int = 0,
+    threads: int | None = None,
     step_hook=None,
     init_from: str | None = None,
     init_backbone: str | None = None,
@@ -346,6 +379,7 @@ def train_classifier(
     rotation 4x4 (per rotation of the item, the teacher's probabilities over the 4 rotations), flattened.
     init_from: a training state file (``state.pt`` of a checkpoint) to start from, head included.
     init_backbone: a saved backbone folder to start from (fine-tuning); the head is saved beside the backbone (head.pt).
+    threads: torch threads per worker; default: its share of a local Ray's CPUs (its cpus_per_worker on a cluster).
     step_hook(epoch, step, rank), if given, runs on every worker after each optimizer step (fault-injection
     tests use it). Returns {history, rows, undecodable, best}.
     """
@@ -362,7 +396,8 @@ def train_classifier(
     if rows == 0:
         raise ValueError(f"{name}: none of the {items.num_rows} training images could be decoded")
     gpu = want_gpu(cfg.use_gpu)
-    log(
+    threads = worker_threads(cfg.num_workers, cfg.cpus_per_worker) if threads is None else threads
+    logger.info(
         f"{name}: {rows} items ({bad.num_rows} undecodable), task={task}, {num_classes} classes, "
         f"{cfg.num_workers} worker(s) on {'GPU' if gpu else 'CPU'}, {cfg.epochs} epochs"
     )

@@ -1,0 +1,75 @@
+"""The stage table, the training-task registry and the import layering, without Ray."""
+
+import ast
+from pathlib import Path
+from typing import get_args
+
+import pytest
+import torch
+
+from cf_ray.config import JobConfig, PretrainConfig, load_config
+from cf_ray.pipeline import dependents, prerequisites, stage_table
+from cf_ray.train.tasks import TASKS, get_task, proxy_tasks
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _table(*overrides):
+    return stage_table(load_config(JobConfig, None, ["data=d", "target=t", *overrides]))
+
+
+def test_stage_table_is_in_dependency_order_with_unique_names():
+    table = _table("targets.flowers=f")
+    names = [s.name for s in table]
+    assert len(names) == len(set(names))
+    for i, s in enumerate(table):
+        assert set(s.needs) <= set(names[:i]), f"{s.name} needs a stage that runs after it"
+    assert names[:5] == ["items", "pretrain", "extract_source", "cluster", "retrain"] and names[-1] == "report"
+    assert {s.group for s in table} == {"items", "pretrain", "extract", "cluster", "retrain", "transfer", "report"}
+
+
+def test_redoing_a_stage_forgets_only_what_depends_on_it():
+    table = _table()
+    assert dependents(table, ["cluster"]) == [
+        "cluster",
+        "retrain",
+        "extract_clusterfit_target_train",
+        "extract_clusterfit_target_test",
+        "transfer_target",
+        "report",
+    ]
+    assert prerequisites(table, ["retrain"]) == {"items", "pretrain", "extract_source", "cluster", "retrain"}
+    assert "extract_pretrained_target_test" in prerequisites(table, ["transfer_target"])
+
+
+def test_proxy_config_choices_are_the_registered_proxies():
+    assert sorted(get_args(PretrainConfig.model_fields["proxy"].annotation)) == proxy_tasks()
+    assert set(TASKS) == {"labels", *proxy_tasks()}
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_task_batches_and_teacher_targets_agree(name):
+    task, gen = get_task(name), torch.Generator().manual_seed(0)
+    x = torch.randn(3, 3, 4, 8, 8)  # clips: every task takes them
+    y = torch.zeros(3, dtype=torch.long)
+    xb, yb = task.batch(x, y, gen)
+    assert len(xb) == len(yb) == 3 * task.views
+    # A teacher's soft targets per item come back, per network input, in the order batch() makes the inputs.
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 8 * 8, task.num_classes or 5))
+    soft = task.teacher_targets(teacher, x, temperature=1.0)
+    assert soft.shape == (3, task.views * (task.num_classes or 5))
+    xs, ys = task.batch(x, soft, gen)
+    if name != "arrow_of_time":  # its inputs are drawn at random; the others are deterministic views
+        torch.testing.assert_close(ys, torch.softmax(teacher(xs), 1))
+
+
+def test_lower_layers_never_import_stages_pipeline_sweep_or_cli():
+    upper = ("cf_ray.stages", "cf_ray.pipeline", "cf_ray.sweep", "cf_ray.cli")
+    bad = []
+    for layer in ("train", "kmeans", "media", "models"):
+        for f in (ROOT / "cf_ray" / layer).glob("*.py"):
+            for node in ast.walk(ast.parse(f.read_text())):
+                mods = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+                mods += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                bad += [f"{f.name}: {m}" for m in mods if m.startswith(upper)]
+    assert not bad
