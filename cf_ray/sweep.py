@@ -170,12 +170,16 @@ class Sweep:
             self.base, self.base_cfg = self.run, cfg.job
         self.base_paths = Paths(self.base)
 
+    @property
+    def extensions(self) -> tuple[str, ...]:
+        return VIDEO_EXTS if self.cfg.job.modality == "video" else IMAGE_EXTS
+
     # --- once per sweep -----------------------------------------------------------------------
     def prepare(self) -> None:
         from cf_ray.runtime import init_ray
 
         cfg, run = self.cfg, self.run
-        exts = VIDEO_EXTS if cfg.job.modality == "video" else IMAGE_EXTS
+        exts = self.extensions
         job = Job(cfg.job, run, self.paths)
         if cfg.base_run is None:
             check = cfg.job.model_copy(deep=True)

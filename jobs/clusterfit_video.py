@@ -2,7 +2,7 @@
 
     python jobs/clusterfit_video.py --data <videos> --target <labelled videos> [--config f.yaml] [key=value ...]
     python jobs/clusterfit_video.py --demo       # generated motion-class MP4s, a few minutes on 2 CPU cores
-    ray job submit --working-dir . -- python jobs/clusterfit_video.py --config configs/video_cluster.yaml ...
+    ray job submit --working-dir . -- python jobs/clusterfit_video.py --config configs/video_fight.yaml ...
 
 Under `ray job submit` it joins that cluster (ray.init() without arguments); otherwise it starts a local Ray.
 """

@@ -73,3 +73,38 @@ def test_lower_layers_never_import_stages_pipeline_sweep_or_cli():
                 mods += [a.name for a in node.names] if isinstance(node, ast.Import) else []
                 bad += [f"{f.name}: {m}" for m in mods if m.startswith(upper)]
     assert not bad
+
+
+def test_each_local_train_worker_gets_its_share_of_the_cores(ray_session):
+    from cf_ray.runtime import worker_threads
+
+    assert ray_session.cluster_resources()["CPU"] == 2
+    assert worker_threads(1, 1) == 2  # one worker may use the machine
+    assert worker_threads(2, 1) == 1  # two workers do not oversubscribe it
+
+
+def test_sweep_takes_the_jobs_targets_with_their_metric(tmp_path):
+    from cf_ray.stages.sweep_report import sweep_table
+    from cf_ray.sweep import Sweep, load_sweep_config
+
+    cfg = load_sweep_config(
+        None,
+        [
+            f"run_dir={tmp_path / 'sweep'}",
+            "job.data=d",
+            "job.modality=video",
+            "job.target=t",
+            "job.targets.voc.path=v",
+            "job.targets.voc.multi_label=true",
+        ],
+    )
+    sweep = Sweep(cfg)
+    assert {n: t.multi_label for n, t in sweep.targets.items()} == {"target": False, "voc": True}
+    assert ".mp4" in sweep.extensions and ".jpg" not in sweep.extensions
+    refs = {
+        m: {"voc": {"res5": {"metric": "map", "score": s, "map": s}}} for m, s in (("random", 0.2), ("pretrained", 0.4))
+    }
+    row = {"kind": "clusterfit", "k": 5, "layer": "res5", "epochs": 1, "model": {"arch": "r2plus1d_tiny", "width": 8}}
+    row |= {"cluster": {}, "train_acc": 0.5, "train_seconds": 3, "transfer": {"voc": {"res5": {"score": 0.5}}}}
+    table = "\n".join(sweep_table(refs, [row], "voc"))
+    assert "res5 mAP" in table and "**+10.0**" in table
