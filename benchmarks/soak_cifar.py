@@ -48,7 +48,7 @@ def command(args, run_dir: Path) -> list[str]:
         sys.executable,
         str(ROOT / "jobs" / "clusterfit_image.py"),
         "--config",
-        str(ROOT / "configs" / "image_cifar10.yaml"),
+        "image_cifar10.yaml",  # packaged config (cf_ray/configs/)
         "--data",
         args.data,
         "--target",

@@ -1,5 +1,9 @@
 import sys
 
-from cf_ray.cli import main
+from cf_ray.environment import require_environment
 
-sys.exit(main())
+require_environment("-m cf_ray")
+
+from cf_ray.cli import main  # noqa: E402
+
+sys.exit(main(prog="python -m cf_ray"))

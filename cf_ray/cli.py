@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from cf_ray import log
-from cf_ray.config import ConfigError, JobConfig, load_config
+from cf_ray.config import ConfigError, JobConfig, dump_config, load_config, packaged_config
 from cf_ray.sources import SourceError
 
 # The embedded demo datasets' sizes (per class), chosen so `make demo` runs in minutes on 2 CPU cores.
@@ -16,7 +16,10 @@ STAGES = ("all", "pretrain", "extract", "cluster", "retrain", "transfer", "repor
 
 
 def parser(prog: str = "cf-ray", with_stage: bool = True) -> argparse.ArgumentParser:
+    from cf_ray import version_line
+
     p = argparse.ArgumentParser(prog=prog, description="ClusterFit on Ray, for images and video.")
+    p.add_argument("--version", action="version", version=version_line(), help="print the versions and exit")
     if with_stage:
         p.add_argument(
             "stage",
@@ -24,7 +27,11 @@ def parser(prog: str = "cf-ray", with_stage: bool = True) -> argparse.ArgumentPa
             help="'all' runs every stage not yet done; a stage name redoes that stage "
             "(and forgets later ones, so the next 'all' recomputes them)",
         )
-    p.add_argument("--config", help="YAML file overriding the defaults (see docs/config.md)")
+    p.add_argument(
+        "--config",
+        help="YAML file overriding the defaults (see docs/config.md); a bare name that is not a file, e.g. "
+        "image_cifar10.yaml, is one of the configs shipped in cf_ray/configs/",
+    )
     p.add_argument("--data", help="images to pre-train and cluster on: folder or manifest (.csv/.parquet), path or URI")
     p.add_argument(
         "--target", help="labelled target for transfer: folder with train/ and test/, or one labelled folder"
@@ -34,8 +41,9 @@ def parser(prog: str = "cf-ray", with_stage: bool = True) -> argparse.ArgumentPa
     p.add_argument(
         "--demo",
         action="store_true",
-        help="generate the demo dataset and run on it with configs/<image|video>_demo.yaml",
+        help="generate the demo dataset under ./data/ and run on it with the packaged <image|video>_demo.yaml",
     )
+    p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. cluster.k=500 retrain.epochs=30")
     return p
 
@@ -48,9 +56,8 @@ def resolve_config(args: argparse.Namespace) -> JobConfig:
     video = args.video or "modality=video" in overrides
     if video and "modality=video" not in overrides:
         overrides.insert(0, "modality=video")
-    if args.demo:
-        root = Path(__file__).resolve().parent.parent
-        config = config or str(root / "configs" / ("video_demo.yaml" if video else "image_demo.yaml"))
+    if args.demo:  # the demo data goes under the current directory; the config is the packaged one
+        config = config or packaged_config("video_demo.yaml" if video else "image_demo.yaml")
         if video:
             from cf_ray.demo_video import make_video_demo_splits
 
@@ -80,6 +87,9 @@ def main(argv: list[str] | None = None, prog: str = "cf-ray", stage: str | None 
     log.setup()
     try:
         cfg = resolve_config(args)
+        if args.print_config:
+            print(dump_config(cfg), end="")
+            return 0
         result = run_stage(stage or args.stage, cfg)
     except (ConfigError, SourceError) as e:
         print(f"error: {e}", file=sys.stderr)

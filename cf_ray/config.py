@@ -407,7 +407,12 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not key=value (e.g. cluster.k=500)")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem}); quote it or fix it") from None
+    return key.strip().split("."), value
 
 
 def _set(tree: dict, keys: list[str], value: Any) -> None:
@@ -419,28 +424,133 @@ def _set(tree: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped inside the package (cf_ray/configs/*.yaml)."""
+    from importlib.resources import files
+
+    return sorted(p.name for p in files("cf_ray").joinpath("configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def packaged_config(name: str) -> str:
+    """Path of a config shipped in the package, e.g. ``packaged_config("image_demo.yaml")``."""
+    from importlib.resources import files
+
+    if name not in packaged_configs():
+        raise ConfigError(f"no packaged config {name!r}; there are: {', '.join(packaged_configs())}")
+    return str(files("cf_ray").joinpath("configs", name))
+
+
+def read_config_file(path: str | Path) -> tuple[str, str]:
+    """(name for messages, text) of a config: a file, or else, for a bare name (no folder in it) such as
+    ``image_demo.yaml`` or ``image_demo``, the config of that name shipped in the package."""
+    from importlib.resources import files
+
+    p = Path(path)
+    if not p.is_file():
+        name = p.name if p.suffix in (".yaml", ".yml") else p.name + ".yaml"
+        shipped = packaged_configs()
+        if p.exists():
+            raise ConfigError(f"config file {p} is not a file")
+        if str(path) != p.name or name not in shipped:
+            moved = " (configs/ moved into the package: pass the bare name)" if p.parent.name == "configs" else ""
+            raise ConfigError(
+                f"config file {p} does not exist{moved}; a bare name picks a packaged config: {', '.join(shipped)}"
+            )
+        source = files("cf_ray").joinpath("configs", name)
+        return str(source), source.read_text(encoding="utf-8")
+    try:
+        return str(p), p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"config file {p} cannot be read ({e.strerror})") from None
+
+
+def _where(name: str, mark) -> str:
+    return f"{name}:{mark.line + 1}:{mark.column + 1}"
+
+
+def parse_yaml(text: str, name: str) -> tuple[Any, dict[tuple, tuple]]:
+    """(data, {key path: (key mark, value mark)}) of a YAML document. Syntax errors and duplicate keys raise a
+    one-line ConfigError naming ``name``, line and column."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = _where(name, mark) if mark is not None else name
+        problem = " ".join(str(e.problem or e.context or "cannot parse").split())
+        context = ""
+        if e.context and e.problem and e.context_mark is not None:
+            context = f" ({' '.join(e.context.split())} at {e.context_mark.line + 1}:{e.context_mark.column + 1})"
+        hint = "; indent with spaces, YAML does not allow tabs" if "\\t" in problem else ""
+        raise ConfigError(f"{where}: YAML syntax error: {problem}{context}{hint}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{name}: YAML error: {' '.join(str(e).split())}") from None
+    finally:
+        loader.dispose()
+    marks: dict[tuple, tuple] = {}
+
+    def walk(n, path: tuple) -> None:
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                if not isinstance(k, yaml.ScalarNode) or k.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = path + (k.value,)
+                if key in marks:
+                    first = marks[key][0]
+                    raise ConfigError(
+                        f"{_where(name, k.start_mark)}: duplicate key {'.'.join(key)} (first at line "
+                        f"{first.line + 1}); YAML would keep only the last"
+                    )
+                marks[key] = (k.start_mark, v.start_mark)
+                walk(v, key)
+        elif isinstance(n, yaml.SequenceNode):
+            for i, v in enumerate(n.value):
+                marks[path + (str(i),)] = (v.start_mark, v.start_mark)
+                walk(v, path + (str(i),))
+
+    walk(node, ())
+    return data, marks
+
+
 def load_config(cls: type[BaseModel], path: str | Path | None = None, overrides: list[str] = ()) -> BaseModel:
-    """Defaults <- YAML file <- dotted overrides; raises ConfigError naming the bad key."""
+    """Defaults <- YAML file <- dotted overrides. Raises a one-line ConfigError naming the bad key and where it
+    was set: the file with line and column, or the override."""
     tree: dict = {}
+    name, marks = "", {}
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        tree = yaml.safe_load(p.read_text()) or {}
+        name, text = read_config_file(path)
+        tree, marks = parse_yaml(text, name)
+        tree = {} if tree is None else tree
         if not isinstance(tree, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+            raise ConfigError(f"{name}:1:1: a config file must hold a mapping (key: value) at the top level")
+    set_by: dict[tuple, str] = {}
     for item in overrides:
         keys, value = parse_override(item)
         _set(tree, keys, value)
+        set_by[tuple(keys)] = item
     try:
         return cls.model_validate(tree)
     except ValidationError as e:
-        lines = []
+        problems = []
         for err in e.errors():
-            key = ".".join(str(x) for x in err["loc"]) or "(top level)"
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            lines.append(f"  {key}: {msg}")
-        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
+            loc = tuple(str(x) for x in err["loc"])
+            key = ".".join(loc) or "(top level)"
+            msg = "unknown key" if err["type"] == "extra_forbidden" else " ".join(err["msg"].split())
+            where = ""
+            for n in range(len(loc), 0, -1):
+                if loc[:n] in set_by:
+                    where = f"override {set_by[loc[:n]]}: "
+                    break
+                if loc[:n] in marks:
+                    key_mark, value_mark = marks[loc[:n]]
+                    use_key = err["type"] == "extra_forbidden" or n < len(loc)
+                    where = _where(name, key_mark if use_key else value_mark) + ": "
+                    break
+            problems.append(f"{where}{key}: {msg}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
 
 
 def dump_config(cfg: BaseModel) -> str:

@@ -9,6 +9,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from cf_ray.environment import require_environment  # noqa: E402  (standard library only)
+
+require_environment("jobs/clusterfit_image.py")
+
 from cf_ray.cli import main  # noqa: E402
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
-"""ClusterFit sweep: `python jobs/clusterfit_sweep.py --config configs/sweep_cifar10.yaml [key=value ...]`.
+"""ClusterFit sweep: `python jobs/clusterfit_sweep.py --config sweep_cifar10.yaml [key=value ...]`.
 
 Reuses one pre-trained network and its source features for a grid of ClusterFit settings (K, layer
 clustered, retraining epochs, retrained model) and the paper's controls; writes one table and one plot per
 target into <run_dir>/report.md. Rerunning the same command resumes; --report-only rewrites the report
-from what has finished. --demo runs configs/sweep_demo.yaml on the generated image demo set.
+from what has finished. --demo runs the packaged sweep_demo.yaml (cf_ray/configs/) on the generated image demo set.
 """
 
 import argparse
@@ -14,16 +14,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cf_ray.config import ConfigError  # noqa: E402
+from cf_ray.environment import require_environment  # noqa: E402  (standard library only)
+
+require_environment("jobs/clusterfit_sweep.py")
+
+from cf_ray import version_line  # noqa: E402
+from cf_ray.config import ConfigError, packaged_config  # noqa: E402
 from cf_ray.sources import SourceError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="clusterfit_sweep.py", description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="sweep YAML (see configs/sweep_*.yaml)")
+    p.add_argument("--version", action="version", version=version_line(), help="print the versions and exit")
+    p.add_argument("--config", help="sweep YAML file, or the bare name of a packaged one (cf_ray/configs/sweep_*.yaml)")
     p.add_argument("--run-dir", help="where the sweep's outputs go")
     p.add_argument(
-        "--demo", action="store_true", help="generate the image demo set and sweep it with configs/sweep_demo.yaml"
+        "--demo",
+        action="store_true",
+        help="generate the image demo set under ./data/ and sweep it with the packaged sweep_demo.yaml",
     )
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from the finished settings")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. grid.k=[50,200] job.retrain.epochs=4")
@@ -35,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         from cf_ray.cli import DEMO_IMAGES
         from cf_ray.demo import make_demo_splits
 
-        config = config or str(ROOT / "configs" / "sweep_demo.yaml")
+        config = config or packaged_config("sweep_demo.yaml")
         data, target = make_demo_splits(Path("data") / "demo_images", **DEMO_IMAGES)
         overrides = [f"job.data={data}", f"job.target={target}"] + overrides
     if args.run_dir:

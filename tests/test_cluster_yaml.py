@@ -91,6 +91,5 @@ def test_kuberay_rayjob_runs_the_video_job_with_a_valid_config():
     # The entrypoint's arguments load as a cf_ray configuration (keys exist, values have the right types).
     args = parser("clusterfit_video.py", with_stage=False).parse_args(argv[2:])
     args.video = True
-    args.config = str(ROOT / args.config)
     cfg = resolve_config(args)
     assert cfg.modality == "video" and cfg.run_dir.startswith("s3://") and cfg.retrain.use_gpu == "yes"

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from cf_ray.config import ConfigError, JobConfig, load_config
+from cf_ray.config import ConfigError, JobConfig, load_config, packaged_configs
 
 
 def test_defaults_are_valid():
@@ -49,9 +49,12 @@ def test_missing_config_file():
         load_config(JobConfig, "no/such.yaml")
 
 
-@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/image*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_image_config_loads(path):
-    load_config(JobConfig, path)
+@pytest.mark.parametrize("name", [n for n in packaged_configs() if n.startswith(("image", "video"))])
+def test_every_shipped_job_config_loads(name):
+    """By bare name (the packaged file) and by its path in the checkout."""
+    cfg = load_config(JobConfig, name)
+    assert cfg == load_config(JobConfig, Path(__file__).parent.parent / "cf_ray" / "configs" / name)
+    assert cfg.modality == name.split("_")[0]
 
 
 def test_config_reference_is_current():
