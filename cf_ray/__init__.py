@@ -12,7 +12,7 @@ from pathlib import Path
 
 # Distribution names of what a report and `--version` name, by what the reader knows them as.
 DEPENDENCIES = {
-    "ray": ("ray",),
+    "Ray": ("ray",),
     "torch": ("torch",),
     "faiss": ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cu11", "faiss"),
     "pyarrow": ("pyarrow",),

@@ -16,10 +16,10 @@ STAGES = ("all", "pretrain", "extract", "cluster", "retrain", "transfer", "repor
 
 
 def parser(prog: str = "cf-ray", with_stage: bool = True) -> argparse.ArgumentParser:
-    from cf_ray import version_line
+    from cf_ray.environment import add_version_argument
 
     p = argparse.ArgumentParser(prog=prog, description="ClusterFit on Ray, for images and video.")
-    p.add_argument("--version", action="version", version=version_line(), help="print the versions and exit")
+    add_version_argument(p)
     if with_stage:
         p.add_argument(
             "stage",

@@ -247,6 +247,12 @@ class ProbeConfig(_Strict):
     epochs: int = Field(100, gt=0, description="Full-batch L-BFGS steps.")
     val_fraction: float = Field(0.2, gt=0, lt=1)
     test_fraction: float = Field(0.3, gt=0, lt=1, description="Used only when the target has no test split.")
+    test_split: Literal["auto", "test", "val", "validation"] = Field(
+        "auto",
+        description="Which folder next to the target's train/ is its test split; auto: the only one of test/, val/, "
+        "validation/ (a target with several is rejected until this picks one). Per target: "
+        "targets.<name>.test_split.",
+    )
     multi_label: bool = Field(
         False,
         description="The target's items carry several labels (label column 'a|b', see label_sep): "
@@ -290,6 +296,9 @@ class TargetConfig(_Strict):
     )
     multi_label: bool | None = Field(
         None, description="Several labels per item, scored by mAP; default: probe.multi_label."
+    )
+    test_split: Literal["auto", "test", "val", "validation"] | None = Field(
+        None, description="The folder next to train/ to test on; default: probe.test_split."
     )
 
 
@@ -369,7 +378,12 @@ class JobConfig(_Strict):
         """Every transfer target by name, with multi_label resolved: `target` first (as 'target'), then `targets`."""
         named = ({"target": TargetConfig(path=self.target)} if self.target else {}) | self.targets
         return {
-            n: t.model_copy(update={"multi_label": self.probe.multi_label if t.multi_label is None else t.multi_label})
+            n: t.model_copy(
+                update={
+                    "multi_label": self.probe.multi_label if t.multi_label is None else t.multi_label,
+                    "test_split": t.test_split or self.probe.test_split,
+                }
+            )
             for n, t in named.items()
         }
 

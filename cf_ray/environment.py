@@ -35,3 +35,19 @@ def require_environment(prog: str) -> None:
             "the venv before `ray start` so `ray job submit` uses it (see docs/cluster.md)\n"
         )
         sys.exit(2)
+
+
+def add_version_argument(parser) -> None:
+    """``--version``: print :func:`cf_ray.version_line` unwrapped (argparse's own action wraps it) and exit."""
+    import argparse
+
+    from cf_ray import version_line
+
+    class _Version(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(version_line())
+            parser.exit()
+
+    parser.add_argument(
+        "--version", action=_Version, nargs=0, default=argparse.SUPPRESS, help="print the versions and exit"
+    )

@@ -21,7 +21,7 @@ from cf_ray import storage
 from cf_ray.config import ConfigError, JobConfig, TargetConfig, dump_config
 from cf_ray.media.items import read_items, write_items
 from cf_ray.rundir import RunDir
-from cf_ray.sources import IMAGE_EXTS, VIDEO_EXTS, SourceError, list_items, load_target
+from cf_ray.sources import IMAGE_EXTS, VIDEO_EXTS, SourceError, list_items, load_target, target_splits
 from cf_ray.stages import names
 from cf_ray.stages.cluster import read_assignments, run_cluster
 from cf_ray.stages.extract import run_extract
@@ -217,10 +217,10 @@ def check_inputs(cfg: JobConfig) -> dict[str, tuple[pa.Table, pa.Table]]:
     logger.info(f"inputs: {source.num_rows} source {cfg.modality}s ({skipped.num_rows} skipped)")
     inputs = {"source": (source, skipped)}
     for name, t in targets.items():
-        train, test, skipped_t = load_target(t.path, cfg.probe.test_fraction, cfg.seed, exts)
+        train, test, skipped_t = load_target(t.path, cfg.probe.test_fraction, cfg.seed, exts, t.test_split)
         logger.info(
             f"inputs: target {name} ({t.path}): {train.num_rows} train / {test.num_rows} test "
-            f"({skipped_t.num_rows} skipped)"
+            f"({skipped_t.num_rows} skipped); splits: {target_splits(t.path, t.test_split).note}"
         )
         inputs[names.dataset(name, "train")] = (train, skipped_t)
         inputs[names.dataset(name, "test")] = (test, skipped.schema.empty_table())
@@ -452,4 +452,4 @@ def stage_transfer(job: Job, name: str, target: TargetConfig) -> dict:
             + ", ".join(f"{l} {100 * v['score']:.1f}" for l, v in out[m].items())
             + (" (mAP)" if probe.multi_label else " (top-1 %)")
         )
-    return {"target": target.path, "transfer": out}
+    return {"target": target.path, "split": target_splits(target.path, target.test_split).note, "transfer": out}

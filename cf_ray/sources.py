@@ -6,8 +6,10 @@ Every source becomes one Arrow table of (id, path, label); files that are skippe
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -17,6 +19,8 @@ import pyarrow.parquet as pq
 
 from cf_ray import storage
 from cf_ray.media.items import ERRORS_SCHEMA
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
@@ -169,17 +173,73 @@ def split_items(items: pa.Table, test_fraction: float, seed: int) -> tuple[pa.Ta
     return items.filter(pc.invert(is_test)), items.filter(is_test)
 
 
-def load_target(target: str, test_fraction: float, seed: int, exts=IMAGE_EXTS) -> tuple[pa.Table, pa.Table, pa.Table]:
-    """(train, test, skipped) for a labelled target: a folder with train/ and test/, or one labelled source."""
+# Held-out split folder names next to train/: test/ (CIFAR style) or val/, validation/ (the ImageNet convention).
+TEST_SPLITS = ("test", "val", "validation")
+
+
+@dataclass(frozen=True)
+class TargetSplits:
+    """Where a target's train and test splits come from. ``test`` None: ``train`` (or the whole target when
+    ``train`` is None too) is split by ``probe.test_fraction``. ``note`` says it in words for the log and report."""
+
+    train: str | None
+    test: str | None
+    note: str
+
+
+def target_splits(target: str, test_split: str = "auto") -> TargetSplits:
+    """Find a target's splits: train/ next to one of test/, val/, validation/ (``test_split`` picks one when
+    there are several; ``auto`` takes the only one), train/ alone, or one labelled folder/manifest."""
     if not target:
         raise SourceError("no target dataset given (pass --target <labelled folder>)")
-    if storage.exists(storage.join(target, "train")) and storage.exists(storage.join(target, "test")):
-        train, s1 = list_items(storage.join(target, "train"), exts)
-        test, s2 = list_items(storage.join(target, "test"), exts)
+    has_train = storage.exists(storage.join(target, "train"))
+    held = [s for s in TEST_SPLITS if storage.exists(storage.join(target, s))]
+    train = storage.join(target, "train")
+    if test_split != "auto":
+        if not has_train or test_split not in held:
+            found = ", ".join(f"{s}/" for s in (["train"] if has_train else []) + held) or "neither"
+            raise SourceError(
+                f"probe.test_split={test_split} needs folders train/ and {test_split}/ in target {target} "
+                f"(it has {found}); set probe.test_split=auto or to a folder it has"
+            )
+        return TargetSplits(
+            train,
+            storage.join(target, test_split),
+            f"train/ and {test_split}/; {test_split}/ picked by probe.test_split",
+        )
+    if has_train and len(held) > 1:
+        raise SourceError(
+            f"target {target} has {' and '.join(f'{s}/' for s in held)} next to train/; pick the test split with "
+            f"probe.test_split={'|'.join(held)}"
+        )
+    if has_train and held:
+        used = held[0]
+        note = "train/ and test/" if used == "test" else f"train/ and {used}/; {used}/ used as the test split"
+        return TargetSplits(train, storage.join(target, used), note)
+    if held:
+        raise SourceError(
+            f"target {target} has {held[0]}/ but no train/ next to it; add train/ (one subfolder per class) "
+            "or pass one labelled folder"
+        )
+    if has_train:
+        return TargetSplits(train, None, "train/ only, split by probe.test_fraction")
+    return TargetSplits(None, None, "one labelled set, split by probe.test_fraction")
+
+
+def load_target(
+    target: str, test_fraction: float, seed: int, exts=IMAGE_EXTS, test_split: str = "auto"
+) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """(train, test, skipped) for a labelled target: a folder with train/ and test/ (or val/, validation/; see
+    :func:`target_splits`), or one labelled source split deterministically by ``test_fraction``."""
+    splits = target_splits(target, test_split)
+    if splits.test is not None:
+        train, s1 = list_items(splits.train, exts)
+        test, s2 = list_items(splits.test, exts)
         skipped = pa.concat_tables([s1, s2])
     else:
-        items, skipped = list_items(target, exts)
+        items, skipped = list_items(splits.train or target, exts)
         train, test = split_items(items, test_fraction, seed)
+    log.info("target %s: %s", target, splits.note)
     for name, t in (("train", train), ("test", test)):
         if t["label"].null_count == t.num_rows:
             raise SourceError(

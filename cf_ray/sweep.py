@@ -36,7 +36,7 @@ from cf_ray.pipeline import (
     stage_retrain,
 )
 from cf_ray.rundir import RunDir
-from cf_ray.sources import IMAGE_EXTS, VIDEO_EXTS, load_target
+from cf_ray.sources import IMAGE_EXTS, VIDEO_EXTS, load_target, target_splits
 from cf_ray.stages import names
 from cf_ray.stages.cluster import read_assignments, run_cluster
 from cf_ray.stages.probe import run_probe
@@ -201,12 +201,15 @@ class Sweep:
         out = {}
         for t, target in self.targets.items():
             path = target.path
-            train, test, skipped = load_target(path, self.cfg.job.probe.test_fraction, self.cfg.job.seed, exts)
+            train, test, skipped = load_target(
+                path, self.cfg.job.probe.test_fraction, self.cfg.job.seed, exts, target.test_split
+            )
             train = seeded_subset(train, self.cfg.target_train_limit, self.cfg.job.seed)
             write_items(train, self.paths.items(names.dataset(t, "train")))
             write_items(test, self.paths.items(names.dataset(t, "test")))
             self.run.record_errors(skipped, "list", t)
             out[t] = {"path": path, "train": train.num_rows, "test": test.num_rows, "skipped": skipped.num_rows}
+            out[t]["split"] = target_splits(path, target.test_split).note
         return out
 
     def _write_cluster_source(self) -> dict:

@@ -14,18 +14,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cf_ray.environment import require_environment  # noqa: E402  (standard library only)
+from cf_ray.environment import add_version_argument, require_environment  # noqa: E402  (standard library only)
 
 require_environment("jobs/clusterfit_sweep.py")
 
-from cf_ray import version_line  # noqa: E402
 from cf_ray.config import ConfigError, packaged_config  # noqa: E402
 from cf_ray.sources import SourceError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="clusterfit_sweep.py", description=__doc__.split("\n")[0])
-    p.add_argument("--version", action="version", version=version_line(), help="print the versions and exit")
+    add_version_argument(p)
     p.add_argument("--config", help="sweep YAML file, or the bare name of a packaged one (cf_ray/configs/sweep_*.yaml)")
     p.add_argument("--run-dir", help="where the sweep's outputs go")
     p.add_argument(

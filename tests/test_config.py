@@ -104,3 +104,48 @@ def test_stage_command_takes_overrides_after_options():
         True,
         ["cluster.k=60", "targets.f=x"],
     )
+
+
+@pytest.mark.parametrize(
+    "text, where, says",
+    [
+        ("cluster:\n  k: [1, 2\nretrain: {epochs: 3}\n", ":3:", "expected ',' or ']'"),  # unclosed [
+        ("cluster:\n\tk: 3\n", ":2:1:", "cannot start any token; indent with spaces"),  # a tab
+        ("cluster:\n  k: 3\n   layer: res4\n", ":3:9:", "mapping values are not allowed here"),  # bad indent
+        ("cluster:\n  k: 4\n x: 3\n", ":3:2:", "expected <block end>"),  # dedent into nowhere
+        ("cluster: {k: 4}\ncluster: {k: 5}\n", ":2:1:", "duplicate key cluster (first at line 1)"),
+        ("- 1\n- 2\n", ":1:1:", "must hold a mapping"),
+        ("retrain:\n  epochs: 3\ncluster:\n  k: 0\n", ":4:6:", "cluster.k: Input should be greater than 0"),
+        ("cluster:\n  k: 3\n  kk: 3\n", ":3:3:", "cluster.kk: unknown key"),
+        ("targets:\n  voc: {multi_label: true}\n", ":2:3:", "targets.voc.path: Field required"),
+    ],
+)
+def test_config_file_errors_are_one_line_with_file_line_and_column(tmp_path, text, where, says):
+    path = tmp_path / "my.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(JobConfig, path)
+    msg = str(e.value)
+    assert "\n" not in msg and f"{path}{where}" in msg and says in msg, msg
+
+
+def test_override_errors_name_the_override(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("cluster:\n  k: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(JobConfig, path, ["cluster.k=0", "retrain.epochs=-1"])
+    msg = str(e.value)
+    assert "\n" not in msg and "override cluster.k=0: cluster.k:" in msg and "override retrain.epochs=-1" in msg
+    assert str(path) not in msg  # the file's value was overridden: the override is what to fix
+    with pytest.raises(ConfigError, match=r"override 'extract.layers=\[res4': the value is not valid YAML"):
+        load_config(JobConfig, None, ["extract.layers=[res4"])
+
+
+def test_packaged_configs_by_bare_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert {"image_demo.yaml", "video_demo.yaml", "sweep_demo.yaml", "image_cifar10.yaml"} <= set(packaged_configs())
+    assert load_config(JobConfig, "image_cifar10.yaml") == load_config(JobConfig, "image_cifar10")
+    with pytest.raises(ConfigError, match=r"configs/ moved into the package: pass the bare name.*image_demo.yaml"):
+        load_config(JobConfig, "configs/image_cifar10.yaml")
+    (tmp_path / "image_cifar10.yaml").write_text("cluster: {k: 7}\n")  # a file of that name here wins
+    assert load_config(JobConfig, "image_cifar10.yaml").cluster.k == 7

@@ -150,6 +150,19 @@ def _verdict(transfer: dict, results: dict) -> str:
     return text
 
 
+def software_versions() -> dict[str, str]:
+    """cf_ray's version and its main dependencies' (Ray, torch, faiss, pyarrow, PyAV), as installed here."""
+    from cf_ray import __version__, dependency_versions
+
+    return {"cf_ray": __version__, **dependency_versions()}
+
+
+def software_line() -> str:
+    """The line at the top of every report: which cf_ray and dependencies wrote it."""
+    v = software_versions()
+    return f"cf_ray {v.pop('cf_ray')}; " + ", ".join(f"{k} {x}" for k, x in v.items()) + "."
+
+
 def run_report(run_dir: str, title: str = "ClusterFit run", targets: list[str] | None = None) -> dict:
     """Report of the run; ``targets``: the transfer targets to show (default: every one the run has done)."""
     run = RunDir(run_dir)
@@ -158,7 +171,8 @@ def run_report(run_dir: str, title: str = "ClusterFit run", targets: list[str] |
     metrics = {
         "stages": {n: {"status": s.get("status"), "seconds": s.get("seconds")} for n, s in manifest["stages"].items()}
     }
-    lines = [f"# {title}", "", f"Run directory: `{run.root}`", ""]
+    metrics["versions"] = software_versions()
+    lines = [f"# {title}", "", software_line(), "", f"Run directory: `{run.root}`", ""]
 
     if targets is None:
         targets = [n[len(names.TRANSFER) :] for n in results if n.startswith(names.TRANSFER)]
@@ -174,7 +188,9 @@ def run_report(run_dir: str, title: str = "ClusterFit run", targets: list[str] |
         lines += [
             f"## Transfer to {name} (headline)" if len(targets) > 1 else "## Transfer (headline)",
             "",
-            f"{metric} (%) on the test split of `{res.get('target', name)}`: linear probes on frozen features per layer"
+            f"{metric} (%) on the test split of `{res.get('target', name)}`"
+            + (f" ({res['split']})" if res.get("split") else "")
+            + ": linear probes on frozen features per layer"
             + (
                 "; `finetuned`: the whole network fine-tuned on the target's train split."
                 if any("finetuned" in t for t in transfer.values())

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cf_ray import storage  # noqa: E402
-from cf_ray.stages.report import _save  # noqa: E402
+from cf_ray.stages.report import _save, software_line, software_versions  # noqa: E402
 
 CONTROL_LABELS = {"longer_pretrain": "control: longer pre-training", "distill": "control: distillation"}
 
@@ -95,6 +95,8 @@ def write_sweep_report(sweep, row_stages: list[str]) -> dict:
     lines = [
         f"# ClusterFit sweep: {sweep.base_cfg.data}",
         "",
+        software_line(),
+        "",
         f"Run directory: `{run.root}`; pre-trained network: "
         f"`{sweep.base.root}` (pretrain.source={sweep.base_cfg.pretrain.source}"
         + (f", label_noise={sweep.base_cfg.pretrain.label_noise}" if sweep.base_cfg.pretrain.source == "labels" else "")
@@ -114,10 +116,13 @@ def write_sweep_report(sweep, row_stages: list[str]) -> dict:
         if not all(refs[m][t] for m in refs):
             lines += [f"Target {t}: the random / pre-trained probes have not finished.", ""]
             continue
+        split = results.get("items_targets", {}).get(t, {}).get("split")
         lines += [
             f"## Transfer to {t}",
             "",
-            "Linear-probe top-1 (%) (mAP for a multi-label target) on the target's test split, frozen features:",
+            "Linear-probe top-1 (%) (mAP for a multi-label target) on the target's test split"
+            + (f" ({split})" if split else "")
+            + ", frozen features:",
             "",
         ]
         lines += sweep_table(refs, rows, t) + [""]
@@ -133,6 +138,9 @@ def write_sweep_report(sweep, row_stages: list[str]) -> dict:
         ]
     lines += ["## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
     lines += [f"| {n} | {s.get('status')} | {s.get('seconds', '')} |" for n, s in stages.items()]
-    storage.write_json(run.path("sweep_results.json"), {"references": refs, "rows": rows, "missing": missing})
+    storage.write_json(
+        run.path("sweep_results.json"),
+        {"versions": software_versions(), "references": refs, "rows": rows, "missing": missing},
+    )
     storage.write_bytes(run.path("report.md"), "\n".join(lines + [""]).encode())
     return {"report": run.path("report.md"), "rows": len(rows), "missing": missing, "plots": plots}
