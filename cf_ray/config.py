@@ -292,7 +292,8 @@ class TargetConfig(_Strict):
     path: str = Field(
         ...,
         min_length=1,
-        description="A folder with train/ and test/, or one labelled folder/manifest (split deterministically).",
+        description="A folder with train/ and test/ (or val/, validation/), or one labelled folder/manifest (split "
+        "deterministically).",
     )
     multi_label: bool | None = Field(
         None, description="Several labels per item, scored by mAP; default: probe.multi_label."
@@ -320,12 +321,13 @@ class JobConfig(_Strict):
     )
     target: str = Field(
         "",
-        description="Labelled target for transfer: a folder with train/ and test/, or one labelled folder/manifest "
+        description="Labelled target for transfer: a folder with train/ and test/ (or val/, validation/; see "
+        "probe.test_split), or one labelled folder/manifest "
         "(split deterministically).",
     )
     targets: dict[str, TargetConfig] = Field(
         {},
-        description="More transfer targets in the same job, name -> folder (or -> {path, multi_label}), "
+        description="More transfer targets in the same job, name -> folder (or -> {path, multi_label, test_split}), "
         "e.g. targets.flowers=../shared/data/flowers; each gets its own probes, table and plot. "
         "`target`, if set, is the one named 'target'.",
     )

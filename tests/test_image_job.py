@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+import cf_ray
 from cf_ray.config import ConfigError, JobConfig, load_config
 from cf_ray.demo import make_demo_splits
 from cf_ray.pipeline import run_job
@@ -34,6 +35,7 @@ TINY = [
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("job")
     data, target = make_demo_splits(root / "data", n_unlabelled=10, n_train=5, n_test=4, size=16)
+    (target / "test").rename(target / "val")  # the ImageNet convention: train/ + val/
     (data / "triangle" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (data / "notes.txt").write_text("not an image")
     return root, data, target
@@ -103,11 +105,15 @@ def test_image_job_end_to_end_resume_and_a_second_target(ray_session, demo):
 
     report = (run / "report.md").read_text()
     assert "ClusterFit - pre-trained" in report and "broken.jpg" in report
+    assert report.splitlines()[2].startswith(f"cf_ray {cf_ray.__version__}; Ray ") and "PyAV " in report.splitlines()[2]
+    assert f"test split of `{target}` (train/ and val/; val/ used as the test split)" in report
+    assert "(one labelled set, split by probe.test_fraction)" in report  # the shapes manifest
     assert "## Transfer to shapes" in report and "mAP (%)" in report
     for plot in ("transfer.png", "transfer_shapes.png", "cluster_sizes.png", "training.png"):
         assert (run / "plots" / plot).stat().st_size > 1000
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["transfer_metric"] == {"target": "top-1", "shapes": "mAP"}
+    assert metrics["versions"]["cf_ray"] == cf_ray.__version__ and metrics["versions"]["torch"][0].isdigit()
     assert metrics["skipped_inputs"] == 2 and "nmi" in metrics["cluster"]
     assert "pretrain per epoch:" in report and "retrain per epoch:" in report
     assert all(h[0]["items_per_s"] > 0 and h[0]["loss"] > 0 for h in metrics["training_history"].values())

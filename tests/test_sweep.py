@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import cf_ray
 from cf_ray.config import ConfigError, dump_config
 from cf_ray.demo import make_demo_splits
 from cf_ray.pipeline import cluster_quality, noisy_labels
@@ -71,7 +72,10 @@ def test_sweep_reuses_pretraining_and_resumes(ray_session, demo):
     rows = _table_rows(report)
     assert len(rows) == 3 and sum("control:" in r for r in rows) == 2  # 1 setting + longer pre-training + distillation
     assert "pre-trained (start of ClusterFit)" in report and "random init" in report
+    assert report.splitlines()[2].startswith(f"cf_ray {cf_ray.__version__}; Ray ") and "faiss " in report
+    assert "test split (train/ and test/)" in report
     res = json.loads((run / "sweep_results.json").read_text())
+    assert res["versions"]["cf_ray"] == cf_ray.__version__
     for r in res["rows"]:
         assert set(r["transfer"]["target"]) == {"res4", "res5"}
         assert all(0 <= v["top1"] <= 1 for v in r["transfer"]["target"].values())
