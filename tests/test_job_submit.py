@@ -3,6 +3,7 @@ input from and writes every output to S3 (a real S3-compatible server on loopbac
 
 import io
 import json
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -54,6 +55,22 @@ def head(s3):
 def test_token_auth_refuses_a_wrong_token(head):
     r = head.cli("job", "list", env={"RAY_AUTH_TOKEN": "0" * 64})
     assert r.returncode != 0 and "token" in (r.stdout + r.stderr).lower()
+
+
+def test_a_head_python_without_the_dependencies_fails_fast_in_one_line(head):
+    """A head started outside the project's venv runs the entrypoint's `python` without torch & co (docs/cluster.md);
+    here a Python without site-packages plays it (-I -S). The job ends at once with one line naming the cause."""
+    head.submit(
+        [sys.executable, "-I", "-S", "jobs/clusterfit_image.py", "--demo"], working_dir=str(ROOT), submission_id="bare"
+    )
+    status, logs, _ = head.wait("bare", timeout=120)
+    assert status == "FAILED" and "Traceback" not in logs, logs[-3000:]
+    line = next(l for l in logs.splitlines() if "cannot import cf_ray's dependencies" in l)
+    assert (
+        line.startswith("error: jobs/clusterfit_image.py: this Python")
+        and "torch" in line
+        and "docs/cluster.md" in line
+    )
 
 
 def test_image_job_through_ray_job_submit_on_s3(head, s3, tmp_path):
