@@ -199,7 +199,8 @@ def target_splits(target: str, test_split: str = "auto") -> TargetSplits:
         if not has_train or test_split not in held:
             found = ", ".join(f"{s}/" for s in (["train"] if has_train else []) + held) or "neither"
             raise SourceError(
-                f"probe.test_split={test_split} needs folders train/ and {test_split}/ in target {target} "
+                f"test_split={test_split} (probe.test_split or targets.<name>.test_split) needs folders train/ and "
+                f"{test_split}/ in target {target} "
                 f"(it has {found}); set probe.test_split=auto or to a folder it has"
             )
         return TargetSplits(
