@@ -62,12 +62,33 @@ class VideoConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """A backbone from the registry (see `cf_ray.models.list_backbones()`)."""
+    """A backbone from the registry (see `cf_ray.models.list_backbones()`).
 
-    arch: str = Field("resnet_tiny", description="Registered backbone name, e.g. resnet_tiny, resnet18, resnet50.")
-    width: int = Field(16, gt=0, description="Base width (channels of res2) for width-configurable backbones.")
-    stem: Literal["cifar", "imagenet"] = Field(
-        "cifar", description="cifar: 3x3 conv, no max-pool (small images); imagenet: 7x7/2 + max-pool."
+    width, stem and midplanes left unset (none) take the architecture's own values, so a name means the published
+    network (resnet50 is torchvision's ResNet-50, r2plus1d_18 torchvision's R(2+1)D-18); they are filled in on
+    validation, so a saved model.json and a run's config.yaml record the values used."""
+
+    arch: str = Field(
+        "resnet_tiny",
+        description="Registered backbone name: resnet_tiny, resnet18, resnet50 (images); r2plus1d_tiny, r2plus1d_18, "
+        "r2plus1d_34, r2plus1d_34_vmz, r3d_18, mc3_18, r2plus1d_50 (video).",
+    )
+    width: int | None = Field(
+        None,
+        gt=0,
+        description="Base width (channels of res2); none: the architecture's own (16 for the *_tiny nets, 64 for the "
+        "others).",
+    )
+    stem: Literal["cifar", "imagenet"] | None = Field(
+        None,
+        description="cifar: 3x3 conv, no max-pool (small images); imagenet: 7x7/2 (+ max-pool for images); none: the "
+        "architecture's own (cifar for the *_tiny nets, imagenet for the others).",
+    )
+    midplanes: Literal["torchvision", "vmz"] | None = Field(
+        None,
+        description="R(2+1)D-tiny/18/34 only: inner width of the (2+1)D convs, torchvision's M(in, out) once per "
+        "block or vmz's per conv (Caffe2 VMZ / IG-65M); none: the architecture's own (vmz for r2plus1d_34_vmz, "
+        "torchvision for the others).",
     )
 
     @field_validator("arch")
@@ -78,6 +99,20 @@ class ModelConfig(_Strict):
         if v not in list_backbones():
             raise ValueError(f"unknown backbone {v!r}; registered: {', '.join(list_backbones())}")
         return v
+
+    @model_validator(mode="after")
+    def _arch_defaults(self) -> "ModelConfig":
+        """Unset settings take the architecture's own; a setting the architecture does not have is rejected."""
+        from cf_ray.models import arch_defaults
+
+        own = arch_defaults(self.arch)
+        for key in ("width", "stem", "midplanes"):
+            if getattr(self, key) is None:
+                if key in own:
+                    object.__setattr__(self, key, own[key])  # not setattr: that would validate again
+            elif key not in own:
+                raise ValueError(f"{key} does not apply to {self.arch} (its settings: {', '.join(own)})")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -149,7 +184,9 @@ class PretrainConfig(_Strict):
         description="rotnet: self-supervised pre-training here (task: pretrain.proxy); labels: weakly supervised "
         "pre-training on the source's class-folder labels (the only mode that reads them), "
         "pretrain.label_noise of them "
-        "flipped; checkpoint: a state_dict file; torchvision: weights in the local torch cache.",
+        "flipped; checkpoint: a weight file (pretrain.checkpoint, layout pretrain.checkpoint_format); torchvision: "
+        "torchvision's published weights for pretrain.train.model.arch (resnet18, resnet50, r2plus1d_18, r3d_18, "
+        "mc3_18) from the local torch hub cache ($TORCH_HOME/hub/checkpoints); never downloaded.",
     )
     label_noise: float = Field(
         0.0,
@@ -163,7 +200,22 @@ class PretrainConfig(_Strict):
         description="Self-supervised task for source=rotnet: rotation (RotNet; 3D RotNet on clips) or arrow_of_time "
         "(video: forward vs backward).",
     )
-    checkpoint: str | None = Field(None, description="Path to a backbone state_dict (source=checkpoint).")
+    checkpoint: str | None = Field(
+        None,
+        description="source=checkpoint: path or URI of the weight file (a bare file name is also looked up in the "
+        "torch hub cache's checkpoints folder).",
+    )
+    checkpoint_format: Literal["auto", "torchvision", "pytorchvideo", "vmz"] = Field(
+        "auto",
+        description="source=checkpoint: the file's layout. torchvision: a torchvision/cf_ray state_dict (any "
+        "backbone); pytorchvideo: pytorchvideo's r2plus1d_r50 checkpoint (model_state, blocks.N; arch r2plus1d_50); "
+        "vmz: a VMZ / IG-65M R(2+1)D-34 .pth (Caffe2 mid-planes; arch r2plus1d_34_vmz); auto: told from its keys.",
+    )
+    weights: str = Field(
+        "DEFAULT",
+        description="source=torchvision: torchvision's weights name, e.g. IMAGENET1K_V1 (resnet50's older recipe); "
+        "DEFAULT: torchvision's default (IMAGENET1K_V2 for resnet50, KINETICS400_V1 for the video nets).",
+    )
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @model_validator(mode="after")

@@ -214,6 +214,9 @@ def check_inputs(cfg: JobConfig) -> dict[str, tuple[pa.Table, pa.Table]]:
             f"cluster.k={cfg.cluster.k} is larger than the {source.num_rows} {cfg.modality}s in {cfg.data}; "
             f"set cluster.k <= {source.num_rows}"
         )
+    from cf_ray.models.weights import check_pretrained
+
+    check_pretrained(cfg.pretrain, cfg.pretrain.train.model)  # the weights exist and fit, before Ray starts
     logger.info(f"inputs: {source.num_rows} source {cfg.modality}s ({skipped.num_rows} skipped)")
     inputs = {"source": (source, skipped)}
     for name, t in targets.items():
@@ -319,22 +322,18 @@ def stage_items(job: Job, datasets: tuple[str, ...]) -> dict:
 
 
 def stage_pretrain(job: Job) -> dict:
-    from cf_ray.models.checkpoint import build, import_checkpoint, save_backbone
+    from cf_ray.models.checkpoint import build, save_backbone
     from cf_ray.train.loop import train_classifier
 
     cfg, paths = job.cfg, job.paths
     model_cfg = cfg.pretrain.train.model
     save_backbone(build(model_cfg, seed=cfg.seed), model_cfg, paths.model("random"))
-    if cfg.pretrain.source == "checkpoint":
-        import_checkpoint(cfg.pretrain.checkpoint, model_cfg, paths.model("pretrained"))
-        return {"source": "checkpoint", "checkpoint": cfg.pretrain.checkpoint}
-    if cfg.pretrain.source == "torchvision":
-        from cf_ray.models.resnet import load_torchvision_weights
+    if cfg.pretrain.source in ("checkpoint", "torchvision"):  # published or given weights, never downloaded
+        from cf_ray.models.weights import load_pretrained
 
-        model = build(model_cfg)
-        load_torchvision_weights(model, model_cfg.arch)
+        model, record = load_pretrained(cfg.pretrain, model_cfg)
         save_backbone(model, model_cfg, paths.model("pretrained"))
-        return {"source": "torchvision", "arch": model_cfg.arch}
+        return record
     items, task, classes, extra = pretrain_targets(cfg, read_items(paths.items("source")))
     res = train_classifier(
         cfg.pretrain.train, cfg.media, items, task, classes, paths.train, "pretrain", paths.model("pretrained")

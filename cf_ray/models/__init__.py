@@ -9,6 +9,13 @@ from cf_ray.models import (
     resnet,  # noqa: F401,E402  (registers image backbones)
     video_resnet,  # noqa: F401,E402  (registers video backbones)
 )
-from cf_ray.models._registry import Backbone, backbone_modality, create_backbone, list_backbones, register_backbone
+from cf_ray.models._registry import (
+    Backbone,
+    arch_defaults,
+    backbone_modality,
+    create_backbone,
+    list_backbones,
+    register_backbone,
+)
 
-__all__ = ["Backbone", "backbone_modality", "create_backbone", "list_backbones", "register_backbone"]
+__all__ = ["Backbone", "arch_defaults", "backbone_modality", "create_backbone", "list_backbones", "register_backbone"]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Protocol
 
 import torch
@@ -37,7 +38,21 @@ def backbone_modality(name: str) -> str:
     return _MODALITY[name]
 
 
+def arch_defaults(name: str) -> dict:
+    """The architecture's own settings (its builder's keyword defaults, e.g. width, stem, midplanes)."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown backbone {name!r}; registered: {', '.join(list_backbones())}")
+    params = inspect.signature(_REGISTRY[name]).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
 def create_backbone(name: str, **kwargs) -> nn.Module:
     if name not in _REGISTRY:
         raise KeyError(f"unknown backbone {name!r}; registered: {', '.join(list_backbones())}")
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}  # None: the architecture's own
+    extra = sorted(set(kwargs) - set(arch_defaults(name)))
+    if extra:
+        raise ValueError(
+            f"{', '.join(extra)} does not apply to backbone {name!r} (its settings: {arch_defaults(name)})"
+        )
     return _REGISTRY[name](**kwargs)

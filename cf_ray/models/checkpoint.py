@@ -1,6 +1,8 @@
-"""A saved backbone is a folder: backbone.pt (plain state_dict) + model.json (its ModelConfig).
+"""A saved backbone is a folder: backbone.pt (plain state_dict) + model.json (its ModelConfig, every setting
+resolved, so the folder rebuilds the same network whatever the architecture's defaults become).
 
-Loading never unpickles arbitrary objects: ``torch.load(weights_only=True)``.
+Image backbones saved before cf_ray adopted torchvision's key names (stem.N, stages.N) still load: the backbone
+renames them when loading. Loading never unpickles arbitrary objects: ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from cf_ray.models._registry import create_backbone
 def build(cfg: ModelConfig, seed: int | None = None) -> torch.nn.Module:
     if seed is not None:
         torch.manual_seed(seed)
-    return create_backbone(cfg.arch, width=cfg.width, stem=cfg.stem)
+    return create_backbone(cfg.arch, width=cfg.width, stem=cfg.stem, midplanes=cfg.midplanes)
 
 
 def save_backbone(model: torch.nn.Module, cfg: ModelConfig, uri: str) -> None:
@@ -42,18 +44,8 @@ def load_backbone(uri: str) -> tuple[torch.nn.Module, ModelConfig]:
     return model, cfg
 
 
-def import_checkpoint(state_dict_path: str, cfg: ModelConfig, uri: str) -> None:
-    """A user's state_dict file -> a cf_ray model folder; key mismatches are reported, not ignored."""
-    model = build(cfg)
-    sd = load_state_dict(state_dict_path)
-    sd = {k: v for k, v in sd.items() if not k.startswith(("fc.", "head.", "heads."))}
-    shape_errors = [k for k, v in model.state_dict().items() if k in sd and sd[k].shape != v.shape]
-    missing = [k for k in model.state_dict() if k not in sd]
-    unexpected = [k for k in sd if k not in model.state_dict()]
-    if missing or unexpected or shape_errors:
-        raise ValueError(
-            f"checkpoint {state_dict_path} does not match backbone {cfg.arch} (width={cfg.width}, stem={cfg.stem}): "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {shape_errors[:5]}"
-        )
-    model.load_state_dict(sd)
-    save_backbone(model, cfg, uri)
+def import_checkpoint(state_dict_path: str, cfg: ModelConfig, uri: str, fmt: str = "auto") -> None:
+    """A user's weight file -> a cf_ray model folder; mismatches are reported, not ignored (see models.weights)."""
+    from cf_ray.models.weights import load_checkpoint
+
+    save_backbone(load_checkpoint(state_dict_path, cfg, fmt)[0], cfg, uri)
