@@ -43,27 +43,41 @@ def test_import_user_checkpoint(tmp_path):
         import_checkpoint(str(tmp_path / "user.pt"), ModelConfig(arch="resnet_tiny", width=8), str(tmp_path / "m2"))
 
 
-def test_torchvision_weights_from_local_cache(tmp_path, monkeypatch):
-    """The torch-cache loader maps torchvision's keys onto ours (weights here are random, not downloaded)."""
-    import os
-
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_image_defaults_are_torchvisions_net(name):
+    """By name and with the config's defaults, resnet18/50 are torchvision's nets without fc: same keys in the same
+    order (torchvision's names, so its state_dicts load as they are), same shapes, same parameter count."""
     import torchvision
 
-    from cf_ray.models.resnet import load_torchvision_weights
+    cfg = ModelConfig(arch=name)
+    assert (cfg.width, cfg.stem) == (64, "imagenet")
+    ours, theirs = build(cfg), getattr(torchvision.models, name)()
+    assert [(k, v.shape) for k, v in ours.state_dict().items()] == [
+        (k, v.shape) for k, v in theirs.state_dict().items() if not k.startswith("fc.")
+    ]
+    fc = sum(p.numel() for p in theirs.fc.parameters())
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters()) - fc
 
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    model = create_backbone("resnet18")
-    with pytest.raises(FileNotFoundError, match="not in the local cache"):
-        load_torchvision_weights(model, "resnet18")
-    tv = torchvision.models.resnet18().eval()
-    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
-    os.makedirs(tmp_path / "hub" / "checkpoints")
-    torch.save(tv.state_dict(), tmp_path / "hub" / "checkpoints" / os.path.basename(url))
-    load_torchvision_weights(model, "resnet18")
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        ours = model.eval().forward_features(x, ["res5"])["res5"]
-        theirs = torch.flatten(
-            tv.avgpool(tv.layer4(tv.layer3(tv.layer2(tv.layer1(tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))))))), 1
-        )
-    assert torch.allclose(ours, theirs, atol=1e-5)
+
+def test_model_folder_saved_before_torchvision_names_loads(tmp_path):
+    """A folder saved by earlier cf_ray (keys stem.0/stem.1/stages.N, model.json without midplanes) loads exactly."""
+    import json
+    import re
+
+    cfg = ModelConfig(arch="resnet_tiny", width=4)
+    new = build(cfg, seed=3).eval()
+
+    def old_name(k):
+        k = re.sub(r"^conv1\.", "stem.0.", re.sub(r"^bn1\.", "stem.1.", k))
+        return re.sub(r"^layer(\d)\.", lambda m: f"stages.{int(m.group(1)) - 1}.", k)
+
+    old_sd = {old_name(k): v for k, v in new.state_dict().items()}
+    assert "stages.3.0.conv1.weight" in old_sd and "stem.1.running_var" in old_sd
+    (tmp_path / "old").mkdir()
+    torch.save(old_sd, tmp_path / "old" / "backbone.pt")
+    (tmp_path / "old" / "model.json").write_text(json.dumps({"arch": "resnet_tiny", "width": 4, "stem": "cifar"}))
+    loaded, loaded_cfg = load_backbone(str(tmp_path / "old"))
+    assert loaded_cfg == cfg
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), new.state_dict().values()))
+    x = torch.randn(1, 3, 16, 16)
+    assert torch.equal(loaded.eval()(x), new(x))

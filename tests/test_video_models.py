@@ -13,6 +13,9 @@ DEFAULT_DIMS = {
     "r2plus1d_tiny": [16, 32, 64, 128],
     "r2plus1d_18": [64, 128, 256, 512],
     "r2plus1d_34": [64, 128, 256, 512],
+    "r2plus1d_34_vmz": [64, 128, 256, 512],
+    "r3d_18": [64, 128, 256, 512],
+    "mc3_18": [64, 128, 256, 512],
     "r2plus1d_50": [256, 512, 1024, 2048],
 }
 
@@ -63,17 +66,53 @@ def test_tiny_trains():
     assert all(p.grad is not None for p in m.parameters())
 
 
-def test_r2plus1d_18_has_torchvision_weight_layout():
-    from torchvision.models.video import r2plus1d_18
+@pytest.mark.parametrize("name", ["r2plus1d_18", "r3d_18", "mc3_18"])
+def test_defaults_are_torchvisions_net(name):
+    """By name and with the config's defaults, the backbone is torchvision's net without fc: same keys in the same
+    order, same shapes, same parameter count (r2plus1d_18: 31,505,325 - 205,200)."""
+    import torchvision.models.video as tvv
 
-    ours = {k: v.shape for k, v in create_backbone("r2plus1d_18").state_dict().items()}
-    theirs = {k: v.shape for k, v in r2plus1d_18().state_dict().items() if not k.startswith("fc.")}
-    assert ours == theirs
+    ours = build(ModelConfig(arch=name))
+    theirs = getattr(tvv, name)()
+    assert [(k, v.shape) for k, v in ours.state_dict().items()] == [
+        (k, v.shape) for k, v in theirs.state_dict().items() if not k.startswith("fc.")
+    ]
+    fc = sum(p.numel() for p in theirs.fc.parameters())
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters()) - fc
 
 
-def test_r2plus1d_34_parameter_count():
-    # torchvision-style R(2+1)D-34 is 61,831,661 parameters with a 400-way fc (512 * 400 + 400).
-    assert sum(p.numel() for p in create_backbone("r2plus1d_34").parameters()) == 61_831_661 - 205_200
+def test_r2plus1d_34_and_its_vmz_variant():
+    """torchvision-style R(2+1)D-34 is 61,831,661 parameters with a 400-way fc (512 * 400 + 400); IG-65M's (400
+    classes) 63,697,175: only the second conv of layer2..4's first block differs (Caffe2 mid-planes M(p, p):
+    288/576/1152), and BatchNorm eps is Caffe2's 1e-3."""
+    cfg = ModelConfig(arch="r2plus1d_34_vmz")
+    assert (cfg.width, cfg.stem, cfg.midplanes) == (64, "imagenet", "vmz")
+    net = build(cfg)
+    vmz, tv = net.state_dict(), build(ModelConfig(arch="r2plus1d_34")).state_dict()
+
+    def params(sd):
+        return sum(v.numel() for k, v in sd.items() if "running" not in k and "num_batches" not in k)
+
+    assert params(tv) == 61_831_661 - 205_200 and params(vmz) == 63_697_175 - 205_200
+    assert list(vmz) == list(tv)
+    differ = sorted({k.rsplit(".", 2)[0] for k in vmz if vmz[k].shape != tv[k].shape})
+    assert differ == ["layer2.0.conv2.0", "layer3.0.conv2.0", "layer4.0.conv2.0"]
+    assert [vmz[f"layer{i}.0.conv2.0.0.weight"].shape[0] for i in (2, 3, 4)] == [288, 576, 1152]
+    assert {m.eps for m in net.modules() if isinstance(m, torch.nn.BatchNorm3d)} == {1e-3}
+
+
+def test_config_defaults_are_the_archs_own():
+    """Unset width/stem/midplanes take the architecture's own (resolved on validation); set ones are kept."""
+    assert ModelConfig(arch="r2plus1d_18").model_dump() == {
+        "arch": "r2plus1d_18",
+        "width": 64,
+        "stem": "imagenet",
+        "midplanes": "torchvision",
+    }
+    assert (ModelConfig(arch="r2plus1d_tiny").width, ModelConfig(arch="r2plus1d_tiny").stem) == (16, "cifar")
+    assert ModelConfig(arch="r2plus1d_18", width=8, stem="cifar", midplanes="vmz").model_dump()["midplanes"] == "vmz"
+    with pytest.raises(ValueError, match="midplanes does not apply to r3d_18"):
+        ModelConfig(arch="r3d_18", midplanes="vmz")
 
 
 def test_bad_stem_is_rejected():

@@ -146,9 +146,7 @@ def _unwrap(obj) -> dict:
             "the file holds no state_dict (a dict of tensor names to tensors, possibly under "
             f"{'/'.join(WRAPPERS)}); its top-level keys: {list(obj)[:8] if isinstance(obj, dict) else type(obj)}"
         )
-    if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module.") :]: v for k, v in obj.items()}
-    return obj
+    return {k.removeprefix("module."): v for k, v in obj.items()}  # DataParallel / DDP
 
 
 def _midplanes(inplanes: int, planes: int) -> int:
@@ -197,12 +195,16 @@ def load_exact(model: nn.Module, sd: dict, model_cfg: ModelConfig, source: str) 
             + (f", midplanes={model_cfg.midplanes}" if model_cfg.midplanes else "")
             + f"): {'; '.join(parts)}"
         )
-    model.load_state_dict(sd)
+    meta = any(t.is_meta for t in want.values())
+    if meta:  # a model built on the meta device takes the file's tensors (as float32, as copying would give)
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    model.load_state_dict(sd, assign=meta)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise WeightsError(f"{source}: tensors not in a state_dict stayed unset: {left[:3]}")
 
 
-def load_checkpoint(
-    path: str, model_cfg: ModelConfig, fmt: str = "auto", seed: int | None = None
-) -> tuple[nn.Module, str]:
+def load_checkpoint(path: str, model_cfg: ModelConfig, fmt: str = "auto") -> tuple[nn.Module, str]:
     """A backbone of ``model_cfg`` with every tensor from the file at ``path``; returns it and the layout used."""
     from cf_ray.models.checkpoint import build
 
@@ -215,7 +217,8 @@ def load_checkpoint(
             f"(it is {model_cfg.arch})"
         )
     sd = {k: v for k, v in sd.items() if not k.startswith(HEADS[found])}
-    model = build(model_cfg, seed=seed)
+    with torch.device("meta"):  # every tensor comes from the file: skip the random initialisation
+        model = build(model_cfg)
     load_exact(model, sd, model_cfg, f"{path} ({found} layout)")
     return model, found
 
