@@ -85,7 +85,7 @@ def _check_arch_defaults(model_cfg: ModelConfig, what: str, key: str) -> None:
     if differs:
         raise WeightsError(
             f"{what} are {model_cfg.arch} at its own settings (width={own.width}, stem={own.stem}), but {key} sets "
-            f"{', '.join(differs)}; remove those settings"
+            f"{', '.join(differs)}; remove those settings (or set them to null)"
         )
 
 
