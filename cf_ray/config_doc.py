@@ -15,6 +15,9 @@ def _type_name(ann) -> str:
 
     if typing.get_origin(ann) is typing.Literal:
         return " / ".join(repr(a) for a in typing.get_args(ann))
+    args = typing.get_args(ann)
+    if type(None) in args and len(args) == 2:  # Optional[X], e.g. a Literal that may be left unset
+        return _type_name(next(a for a in args if a is not type(None))) + " or None"
     name = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
     return name.replace(" | ", " or ").replace("|", " or ")
 
