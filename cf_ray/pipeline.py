@@ -216,7 +216,12 @@ def check_inputs(cfg: JobConfig) -> dict[str, tuple[pa.Table, pa.Table]]:
         )
     from cf_ray.models.weights import check_pretrained
 
-    check_pretrained(cfg.pretrain, cfg.pretrain.train.model)  # the weights exist and fit, before Ray starts
+    try:  # a run that has its pre-trained model no longer needs the weight file
+        loaded = storage.exists(storage.join(cfg.run_dir, "models", "pretrained", "model.json"))
+    except OSError:  # an unreachable run_dir is reported when the run starts
+        loaded = False
+    if not loaded:
+        check_pretrained(cfg.pretrain, cfg.pretrain.train.model)  # the weights exist and fit, before Ray starts
     logger.info(f"inputs: {source.num_rows} source {cfg.modality}s ({skipped.num_rows} skipped)")
     inputs = {"source": (source, skipped)}
     for name, t in targets.items():
