@@ -97,6 +97,8 @@ def test_torchvision_weights_from_hub_cache(arch, builder, shape, torch_home):
 def test_torchvision_weights_need_the_archs_own_settings(torch_home):
     with pytest.raises(WeightsError, match=r"resnet50 at its own settings \(width=64, stem=imagenet\).*width=16"):
         check_pretrained(PretrainConfig(source="torchvision"), ModelConfig(arch="resnet50", width=16, stem="cifar"))
+    assert torchvision_weights_path("resnet50").endswith("resnet50-11ad3fa6.pth")  # DEFAULT = IMAGENET1K_V2
+    assert torchvision_weights_path("resnet50", "IMAGENET1K_V1").endswith("resnet50-0676ba61.pth")
     with pytest.raises(WeightsError, match="IMAGENET1K_V1, IMAGENET1K_V2"):
         check_pretrained(PretrainConfig(source="torchvision", weights="V3"), ModelConfig(arch="resnet50"))
     with pytest.raises(WeightsError, match="no weights for r2plus1d_34"):
@@ -186,6 +188,9 @@ def test_unreadable_and_unknown_files(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     with pytest.raises(WeightsError, match="junk.pt is not a torch weight file"):
         load_checkpoint(str(tmp_path / "junk.pt"), ModelConfig(arch="resnet_tiny"))
+    (tmp_path / "blobs.pkl").write_bytes(b"\x80\x02}q\x00.")  # a plain pickle, as Caffe2's VMZ blobs are
+    with pytest.raises(WeightsError, match="Caffe2 blob files"):
+        load_checkpoint(str(tmp_path / "blobs.pkl"), ModelConfig(arch="r2plus1d_34_vmz"))
     torch.save({"encoder.proj.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
     with pytest.raises(WeightsError, match=r"cannot tell the layout .*encoder.proj.weight"):
         load_checkpoint(str(tmp_path / "other.pt"), ModelConfig(arch="resnet_tiny"))

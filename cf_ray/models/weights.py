@@ -129,6 +129,11 @@ def read_checkpoint(path: str) -> dict:
     try:
         return torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError or ValueError for files it cannot read
+        if path.endswith(".pkl"):
+            raise WeightsError(
+                f"{path}: Caffe2 blob files (VMZ .pkl) are not read; convert it to a .pth state_dict first "
+                "(ig65m-pytorch's convert tool) and load that with pretrain.checkpoint_format=vmz"
+            ) from None
         raise WeightsError(
             f"{path} is not a torch weight file readable with weights_only=True ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:200]}); if you trust it, re-save its state_dict with torch.save(...)"
