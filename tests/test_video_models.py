@@ -47,7 +47,8 @@ def test_taps_match_feature_info(name, stem):
 
 @pytest.mark.parametrize("name", VIDEO_NETS)
 def test_default_width_feature_dims(name):
-    m = create_backbone(name)
+    with torch.device("meta"):  # shapes only: skip the initialisation of full-size nets
+        m = create_backbone(name)
     assert [m.feature_info[t] for t in TAPS] == DEFAULT_DIMS[name]
     assert m.num_features == DEFAULT_DIMS[name][-1]
 
@@ -72,8 +73,9 @@ def test_defaults_are_torchvisions_net(name):
     order, same shapes, same parameter count (r2plus1d_18: 31,505,325 - 205,200)."""
     import torchvision.models.video as tvv
 
-    ours = build(ModelConfig(arch=name))
-    theirs = getattr(tvv, name)()
+    with torch.device("meta"):  # shapes only: skip the initialisation of full-size nets
+        ours = build(ModelConfig(arch=name))
+        theirs = getattr(tvv, name)()
     assert [(k, v.shape) for k, v in ours.state_dict().items()] == [
         (k, v.shape) for k, v in theirs.state_dict().items() if not k.startswith("fc.")
     ]
@@ -87,8 +89,9 @@ def test_r2plus1d_34_and_its_vmz_variant():
     288/576/1152), and BatchNorm eps is Caffe2's 1e-3."""
     cfg = ModelConfig(arch="r2plus1d_34_vmz")
     assert (cfg.width, cfg.stem, cfg.midplanes) == (64, "imagenet", "vmz")
-    net = build(cfg)
-    vmz, tv = net.state_dict(), build(ModelConfig(arch="r2plus1d_34")).state_dict()
+    with torch.device("meta"):  # shapes only: skip the initialisation of full-size nets
+        net = build(cfg)
+        vmz, tv = net.state_dict(), build(ModelConfig(arch="r2plus1d_34")).state_dict()
 
     def params(sd):
         return sum(v.numel() for k, v in sd.items() if "running" not in k and "num_batches" not in k)

@@ -200,7 +200,7 @@ def test_unreadable_and_unknown_files(tmp_path):
 
 def test_pipeline_pretrain_stage_loads_a_checkpoint(tmp_path):
     """The job's pretrain stage with source=checkpoint writes the pretrained model folder from the file, exactly."""
-    from cf_ray.pipeline import Paths, stage_pretrain
+    from cf_ray.pipeline import Job, Paths, stage_pretrain
     from cf_ray.rundir import RunDir
 
     cfg_model = ModelConfig(arch="resnet_tiny", width=4)
@@ -211,7 +211,7 @@ def test_pipeline_pretrain_stage_loads_a_checkpoint(tmp_path):
         pretrain={"source": "checkpoint", "checkpoint": str(tmp_path / "start.pt"), "train": {"model": cfg_model}},
     )
     run = RunDir(cfg.run_dir)
-    record = stage_pretrain(cfg, run, Paths(run))
+    record = stage_pretrain(Job(cfg, run, Paths(run)))
     assert record["format"] == "torchvision"
     loaded, loaded_cfg = load_backbone(Paths(run).model("pretrained"))
     assert loaded_cfg == cfg_model
