@@ -273,11 +273,19 @@ class ClusterConfig(_Strict):
     )
     backend: Literal["faiss", "ray"] = Field(
         "faiss",
-        description="faiss: single process on the driver; ray: rows sharded over Ray actors "
-        "(cf_ray.kmeans.distributed).",
+        description="faiss: faiss.Kmeans on all rows in one Ray task (not in the driver); ray: rows sharded over "
+        "Ray actors (cf_ray.kmeans.distributed).",
+    )
+    use_gpu: Literal["auto", "yes", "no"] = Field(
+        "auto",
+        description="One GPU for the faiss task / each shard actor: auto where the cluster has GPUs now, yes (asks "
+        "the autoscaler), no. faiss runs on it only if that node's faiss build has GPU support (else on its CPU); "
+        "stats.json records the device.",
     )
     num_actors: int = Field(2, gt=0, description="backend=ray: shard actors (at most one per feature file).")
-    cpus_per_actor: float = Field(1, gt=0, description="backend=ray: CPUs per actor (also its faiss threads).")
+    cpus_per_actor: float = Field(
+        1, gt=0, description="CPUs of the faiss task (backend=faiss) or of each shard actor (ray); also faiss threads."
+    )
     tol: float = Field(
         0.0, ge=0, description="backend=ray: stop when the objective changes by less than this fraction; 0: run niter."
     )

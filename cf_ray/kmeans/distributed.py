@@ -23,10 +23,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from cf_ray import metrics, storage
+from cf_ray import metrics, runtime, storage
 from cf_ray.kmeans import _checkpoint as ckpt
-from cf_ray.kmeans import core
+from cf_ray.kmeans import core, device
 from cf_ray.kmeans._blas import faiss_blas_note
+from cf_ray.kmeans.device import import_faiss
 
 logger = logging.getLogger(__name__)
 
@@ -93,16 +94,19 @@ class ShardActor:
     call and is applied on first use, so a restart mid-fit is invisible to the driver.
     """
 
-    def __init__(self, files: list[str], layer: str, l2: bool, threads: int, use_gpu: bool, shard: int):
-        import faiss
+    def __init__(self, files: list[str], layer: str, l2: bool, threads: int, gpu: bool, shard: int):
+        """``gpu``: Ray gave this actor a GPU; faiss uses it only if this node's faiss build can (decided here)."""
+        faiss = import_faiss()
 
         faiss.omp_set_num_threads(max(1, threads))
-        self.files, self.shard, self.use_gpu = files, shard, use_gpu
+        self.files, self.shard = files, shard
+        self.device, self.device_note = device.choose(gpu)
+        self.use_gpu = self.device == "cuda"
         self.ids, self.x = read_shard(files, layer, l2)
         self.token = None  # which transform self.x is in (None: only L2)
         self._train = (None, None)  # (key of the training subset, its rows) when fitting on a subsample
-        self._gpu_res = None
-        self.blas_note = None if use_gpu else faiss_blas_note()
+        self._gpu = None
+        self.blas_note = None if self.use_gpu else faiss_blas_note()
 
     def info(self) -> dict:
         import resource
@@ -113,6 +117,8 @@ class ShardActor:
             "rows": len(self.x),
             "dim": int(self.x.shape[1]),
             "gpu": self.use_gpu,
+            "device": device.describe(self.device),
+            "device_note": self.device_note,
             "token": self.token,
             "blas_note": self.blas_note,
             "bytes": int(self.x.nbytes),
@@ -189,14 +195,9 @@ class ShardActor:
     def _index(self, centroids: np.ndarray, spherical: bool):
         if not self.use_gpu:
             return None  # CPU: faiss.knn with this actor's omp threads
-        import faiss
-
-        if self._gpu_res is None:
-            self._gpu_res = faiss.StandardGpuResources()
-        d = centroids.shape[1]
-        index = faiss.index_cpu_to_gpu(self._gpu_res, 0, faiss.IndexFlatIP(d) if spherical else faiss.IndexFlatL2(d))
-        index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-        return index
+        if self._gpu is None:
+            self._gpu = device.GpuFlatIndex()
+        return self._gpu.of(centroids, spherical)
 
 
 # --- the driver's handle on the actors -------------------------------------------------------------
@@ -218,16 +219,13 @@ def _add_step(acc, r):
 
 
 def _gpu_wanted(use_gpu: bool | None) -> bool:
-    import faiss
-
-    has_faiss_gpu = hasattr(faiss, "StandardGpuResources")
-    cluster_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    if use_gpu and not (has_faiss_gpu and cluster_gpu):
-        raise ShardError(
-            "use_gpu=True but "
-            + ("faiss has no GPU support (faiss-cpu installed)" if cluster_gpu else "the Ray cluster has no GPU")
-        )
-    return bool(use_gpu) if use_gpu is not None else (has_faiss_gpu and cluster_gpu)
+    """Whether each actor asks Ray for a GPU: None = where the cluster has one. The driver's faiss build plays no
+    part: each actor checks its own (ShardActor.__init__)."""
+    if use_gpu is None:
+        return runtime.cluster_gpus() > 0
+    if use_gpu and runtime.cluster_gpus() == 0 and not os.environ.get("RAY_ADDRESS"):
+        raise ShardError("use_gpu=True but the Ray cluster has no GPU; use use_gpu=None (auto) or False")
+    return bool(use_gpu)
 
 
 class ShardPool:
@@ -279,8 +277,15 @@ class ShardPool:
             f"actor(s), "
             f"{cpus_per_actor} CPU{' + 1 GPU' if self.gpu else ''} each"
         )
-        for note in sorted({i["blas_note"] for i in infos if i["blas_note"]}):
+        for note in sorted(
+            {i["blas_note"] for i in infos if i["blas_note"]} | {i["device_note"] for i in infos if i["device_note"]}
+        ):
             logger.info(f"kmeans[ray]: note: {note}")
+        self._devices = [{"device": i["device"], "note": i["device_note"]} for i in infos]
+
+    def devices(self) -> list[dict]:
+        """Per actor: the device its faiss ran on ('cpu' or 'cuda (name)') and why not the GPU, if one was asked."""
+        return list(self._devices)
 
     def _wait_started(self, cpus: float, timeout_s: float) -> None:
         """Fail with the resource picture instead of waiting forever for actors that cannot be placed."""

@@ -5,9 +5,11 @@ PCA-whitening), assignments.parquet (id, cluster, distance), stats.json (sizes, 
 iteration, balance) and, last, _SUCCESS.json: the folder counts as done only with it (a rerun redoes or
 resumes an incomplete one, and ``read_assignments`` refuses it).
 
-backend=faiss runs faiss.Kmeans in this process on all features; backend=ray shards the rows over
-Ray actors (cf_ray.kmeans.distributed), checkpoints every iteration in ``out_uri/_checkpoint`` (a
-rerun resumes) and writes assignments.parquet as a folder of part files, one per actor.
+backend=faiss runs faiss.Kmeans on all features in one Ray task (never in the driver, which may sit on a 0-CPU
+head node); backend=ray shards the rows over Ray actors (cf_ray.kmeans.distributed), checkpoints every
+iteration in ``out_uri/_checkpoint`` (a rerun resumes) and writes assignments.parquet as a folder of part
+files, one per actor. ``cluster.use_gpu`` asks Ray for a GPU per task/actor; whether faiss then runs on it is
+decided inside that process by its own faiss build (cf_ray.kmeans.device), and stats.json records the device.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from cf_ray import metrics, storage
 from cf_ray.config import ClusterConfig
 from cf_ray.features import read_features
 from cf_ray.kmeans._blas import faiss_blas_note
-from cf_ray.kmeans.core import cluster_stats, preprocess_fit, sizes_stats
+from cf_ray.kmeans.core import cluster_stats, nearest, preprocess_fit, sizes_stats
+from cf_ray.kmeans.device import GpuFlatIndex, choose, describe, import_faiss
+from cf_ray.runtime import want_gpu
 from cf_ray.storage import SUCCESS, require_complete
 
 logger = logging.getLogger(__name__)
@@ -35,9 +39,9 @@ class ClusterInputError(ValueError):
     pass
 
 
-def fit_faiss(x: np.ndarray, cfg: ClusterConfig) -> tuple[np.ndarray, list[dict]]:
-    """Single-process faiss k-means; returns (centroids, per-iteration stats)."""
-    import faiss
+def fit_faiss(x: np.ndarray, cfg: ClusterConfig, gpu: bool = False) -> tuple[np.ndarray, list[dict]]:
+    """Single-process faiss k-means (on this process's GPU with ``gpu``); returns (centroids, per-iteration stats)."""
+    faiss = import_faiss()
 
     km = faiss.Kmeans(
         x.shape[1],
@@ -47,6 +51,7 @@ def fit_faiss(x: np.ndarray, cfg: ClusterConfig) -> tuple[np.ndarray, list[dict]
         verbose=False,
         max_points_per_centroid=cfg.max_points_per_centroid,
         min_points_per_centroid=1,
+        gpu=gpu,
     )
     km.train(x)
     stats = km.iteration_stats
@@ -56,11 +61,12 @@ def fit_faiss(x: np.ndarray, cfg: ClusterConfig) -> tuple[np.ndarray, list[dict]
     ]
 
 
-def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    import faiss
-
-    dist, idx = faiss.knn(x, centroids, 1)
-    return idx[:, 0].astype(np.int64), dist[:, 0].astype(np.float32)
+def assign(x: np.ndarray, centroids: np.ndarray, gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(nearest centroid, squared L2 distance) of every row; exact, on this process's GPU with ``gpu``."""
+    import_faiss()
+    index = GpuFlatIndex().of(centroids) if gpu else None
+    idx, dist = nearest(x, centroids, index=index)
+    return idx, dist.astype(np.float32)
 
 
 def run_cluster(cfg: ClusterConfig, features_uri: str, out_uri: str) -> dict:
@@ -69,6 +75,12 @@ def run_cluster(cfg: ClusterConfig, features_uri: str, out_uri: str) -> dict:
         logger.info(f"cluster: {out_uri} is complete, nothing to do")
         return storage.read_json(marker)
     require_complete(features_uri)
+    import ray
+
+    from cf_ray.runtime import init_ray
+
+    if not ray.is_initialized():
+        init_ray()
     t0 = time.time()
     stats = (
         _cluster_ray(cfg, features_uri, out_uri) if cfg.backend == "ray" else _cluster_faiss(cfg, features_uri, out_uri)
@@ -77,11 +89,13 @@ def run_cluster(cfg: ClusterConfig, features_uri: str, out_uri: str) -> dict:
     stats["backend"] = cfg.backend
     storage.write_json(storage.join(out_uri, "stats.json"), stats)
     summary = {
-        k: stats[k] for k in ("n", "d", "k", "objective", "imbalance", "empty", "min_size", "max_size", "seconds")
+        k: stats[k]
+        for k in ("n", "d", "k", "objective", "imbalance", "empty", "min_size", "max_size", "seconds", "device")
     }
     storage.write_json(marker, summary)
     logger.info(
-        f"cluster: objective {stats['objective']:.4g}, imbalance {stats['imbalance']:.3f}, empty {stats['empty']}"
+        f"cluster: objective {stats['objective']:.4g}, imbalance {stats['imbalance']:.3f}, empty {stats['empty']}, "
+        f"on {stats['device']}"
     )
     return summary
 
@@ -94,20 +108,38 @@ def _check_size(n: int, k: int, features_uri: str) -> None:
 
 
 def _cluster_faiss(cfg: ClusterConfig, features_uri: str, out_uri: str) -> dict:
+    """Run the whole faiss fit in one Ray task with cfg.cpus_per_actor CPUs (its faiss threads) and a GPU if asked."""
+    import ray
+
+    gpu = want_gpu(cfg.use_gpu)
+    task = ray.remote(_faiss_task).options(
+        num_cpus=cfg.cpus_per_actor, num_gpus=1 if gpu else 0, max_retries=2, retry_exceptions=False
+    )
+    logger.info(f"cluster: faiss k-means in a Ray task ({cfg.cpus_per_actor} CPU{' + 1 GPU' if gpu else ''})")
+    return ray.get(task.remote(cfg, features_uri, out_uri, gpu))
+
+
+def _faiss_task(cfg: ClusterConfig, features_uri: str, out_uri: str, gpu: bool) -> dict:
+    faiss = import_faiss()
+    faiss.omp_set_num_threads(max(1, int(round(cfg.cpus_per_actor))))
+    device, device_note = choose(gpu)
     ids, feats = read_features(features_uri, cfg.layer)
     n = len(ids)
     _check_size(n, cfg.k, features_uri)
     logger.info(f"cluster: {n} x {feats.shape[1]} features ({cfg.layer}) -> k={cfg.k}, niter={cfg.niter}")
-    note = faiss_blas_note()
+    note = faiss_blas_note() if device == "cpu" else None
     if note:
         logger.info(f"cluster: note: {note}")
     x, transform = preprocess_fit(feats, l2=cfg.l2_normalize, pca_dim=cfg.pca_dim)
-    centroids, history = fit_faiss(x, cfg)
+    centroids, history = fit_faiss(x, cfg, gpu=device == "cuda")
     for h in history:
         metrics.kmeans_iteration(h["obj"], cfg.layer)
-    labels, dist = assign(x, centroids)
+    labels, dist = assign(x, centroids, gpu=device == "cuda")
     stats = cluster_stats(labels, dist, cfg.k)
     stats["history"] = history
+    stats["device"] = describe(device)
+    if device_note:
+        stats["device_note"] = device_note
     stats["n"], stats["d"], stats["k"], stats["layer"] = n, int(x.shape[1]), cfg.k, cfg.layer
     _write_model(out_uri, centroids, transform)
     path = storage.join(out_uri, "assignments.parquet")
@@ -134,7 +166,9 @@ def _cluster_ray(cfg: ClusterConfig, features_uri: str, out_uri: str) -> dict:
     files = part_files(features_uri)
     if not files:
         raise FileNotFoundError(f"no feature Parquet files in {features_uri}")
-    pool = ShardPool(files, cfg.layer, cfg.num_actors, cfg.cpus_per_actor, l2=cfg.l2_normalize)
+    pool = ShardPool(
+        files, cfg.layer, cfg.num_actors, cfg.cpus_per_actor, l2=cfg.l2_normalize, use_gpu=want_gpu(cfg.use_gpu)
+    )
     try:
         _check_size(pool.n, cfg.k, features_uri)
         logger.info(
@@ -149,6 +183,7 @@ def _cluster_ray(cfg: ClusterConfig, features_uri: str, out_uri: str) -> dict:
         _remove(path)  # parts of an earlier, interrupted run (maybe with more actors) must not survive
         sizes, objective = pool.write_assignments(path, centroids, cfg.spherical)
         transform = pool.transform
+        devices = pool.devices()
     finally:
         pool.shutdown()
     _write_model(out_uri, centroids, transform)
@@ -156,6 +191,10 @@ def _cluster_ray(cfg: ClusterConfig, features_uri: str, out_uri: str) -> dict:
     stats["history"] = history
     stats["n"], stats["d"], stats["k"], stats["layer"] = pool.n, int(centroids.shape[1]), cfg.k, cfg.layer
     stats["num_actors"] = len(pool.parts)
+    stats["device"] = ", ".join(sorted(set(d["device"] for d in devices)))
+    notes = sorted({d["note"] for d in devices if d["note"]})
+    if notes:
+        stats["device_note"] = "; ".join(notes)
     storage.delete_dir(checkpoint)
     return stats
 

@@ -204,7 +204,8 @@ def run_report(run_dir: str, title: str = "ClusterFit run", targets: list[str] |
     if storage.exists(stats_path):
         stats = storage.read_json(stats_path)
         metrics["cluster"] = {
-            k: stats.get(k) for k in ("n", "d", "k", "objective", "imbalance", "empty", "min_size", "max_size")
+            k: stats.get(k)
+            for k in ("n", "d", "k", "objective", "imbalance", "empty", "min_size", "max_size", "backend", "device")
         }
         if "nmi" in results.get("cluster", {}):
             metrics["cluster"]["nmi"] = results["cluster"]["nmi"]
@@ -215,6 +216,8 @@ def run_report(run_dir: str, title: str = "ClusterFit run", targets: list[str] |
             f"K={stats['k']} on `{stats.get('layer')}` features of {stats['n']} items (d={stats['d']}): "
             f"objective {stats['objective']:.4g}, imbalance factor {stats['imbalance']:.3f} (1 = balanced), "
             f"sizes {stats['min_size']}..{stats['max_size']}, empty {stats['empty']}."
+            + (f" k-means ran on {stats['device']} (backend {stats.get('backend')})." if stats.get("device") else "")
+            + (f" Note: {stats['device_note']}." if stats.get("device_note") else "")
             + (
                 f" NMI against the source's own labels: {metrics['cluster']['nmi']:.3f}."
                 if "nmi" in metrics["cluster"]
