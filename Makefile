@@ -6,9 +6,8 @@ export RAY_AUTH_MODE ?= disabled
 
 .PHONY: demo demo-image test lint install clean
 
-$(VENV)/.installed: pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[test]'
+$(VENV)/.installed: pyproject.toml deploy/install.sh
+	PYTHON=$(PYTHON) deploy/install.sh --cpu --test --editable --venv $(VENV)
 	touch $@
 
 install: $(VENV)/.installed
