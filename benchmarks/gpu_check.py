@@ -93,11 +93,15 @@ class PartTimeout(Exception):
     pass
 
 
+_fired: list[float] = []  # set when a deadline fired (the exception may surface wrapped, e.g. inside a C call)
+
+
 @contextlib.contextmanager
 def deadline(seconds: float):
     """SIGALRM after ``seconds``: a part that overruns raises PartTimeout where it is (the table still gets written)."""
 
     def fire(signum, frame):
+        _fired.append(seconds)
         raise PartTimeout(f"stopped after {seconds:.0f} s (time budget)")
 
     old = signal.signal(signal.SIGALRM, fire)
@@ -269,7 +273,7 @@ def plain_extract(paths: list[str], arch: str, media, batch: int, workers: int, 
                 from cf_ray.media.image import decode_image
 
                 x = decode_image(data, media.size, media.resize)
-            return torch.from_numpy(np.ascontiguousarray(x))
+            return torch.from_numpy(np.array(x))  # a writable copy
 
     t = time.time()
     model = build(ModelConfig(arch=arch), seed=0).eval().to(device)
@@ -436,8 +440,20 @@ def part_train(c: Check) -> None:
 # --- d) the video demo ----------------------------------------------------------------------------------------------
 
 
-def part_demo(c: Check) -> None:
+def demo_config(c: Check, data, target):
+    """configs/video_demo.yaml with every stage on the GPU (use_gpu=yes; precision and channels_last stay auto,
+    i.e. bf16 and channels_last_3d on the GPU)."""
     from cf_ray.config import JobConfig, load_config
+
+    gpu = [f"{k}.use_gpu={c.use_gpu}" for k in ("pretrain.train", "extract", "cluster", "retrain")]
+    return load_config(
+        JobConfig,
+        str(ROOT / "configs" / "video_demo.yaml"),
+        [f"data={data}", f"target={target}", f"run_dir={c.work / 'demo_run'}", *gpu, *c.sizes["demo"]["overrides"]],
+    )
+
+
+def part_demo(c: Check) -> None:
     from cf_ray.demo_video import make_video_demo_splits
     from cf_ray.pipeline import run_job
 
@@ -447,12 +463,7 @@ def part_demo(c: Check) -> None:
         c.work / "demo_videos", n_unlabelled=s["n_unlabelled"], n_train=s["n_train"], n_test=s["n_test"]
     )
     gen = time.time() - t
-    gpu = [f"{k}.use_gpu={c.use_gpu}" for k in ("pretrain.train", "extract", "cluster", "retrain")]
-    cfg = load_config(
-        JobConfig,
-        str(ROOT / "configs" / "video_demo.yaml"),
-        [f"data={data}", f"target={target}", f"run_dir={c.work / 'demo_run'}", *gpu, *s["overrides"]],
-    )
+    cfg = demo_config(c, data, target)
     t = time.time()
     res = run_job(cfg)
     wall = time.time() - t
@@ -493,12 +504,14 @@ def run(c: Check, parts: str) -> None:
         print(f"[{key}] {name} ({c.left():.0f} s of the budget left)", flush=True)
         try:
             with deadline(max(5, c.left())):
-                if key != "a":  # faiss alone; the others run through Ray
+                if key in "bcd":  # (a) is faiss alone; the others run through Ray
                     ensure_ray(c)
                 fn(c)
         except Exception as e:  # noqa: BLE001  (one part's failure must not lose the others)
             traceback.print_exc()
             msg = " ".join(f"{type(e).__name__}: {e}".split())[:300].replace("|", "/")
+            if _fired:
+                msg = f"stopped by the time budget after {_fired.pop():.0f} s ({msg})"
             c.row(key, f"{name}: FAILED", msg)
         print(f"[{key}] {time.time() - t:.1f} s", flush=True)
 
