@@ -244,10 +244,19 @@ def check_cluster(cfg: JobConfig) -> None:
         return
     res = ray.cluster_resources()
     cpus, gpus = res.get("CPU", 0), res.get("GPU", 0)
-    r, e = cfg.retrain, cfg.extract
+    r, e, k = cfg.retrain, cfg.extract, cfg.cluster
     asks = [
         ("retrain", r.use_gpu, r.num_workers, r.cpus_per_worker, "num_workers", "cpus_per_worker"),
         ("extract", e.use_gpu, e.num_actors, e.cpus_per_actor, "num_actors", "cpus_per_actor"),
+        # k-means: one faiss task, or num_actors shard actors that must all be placed at once
+        (
+            "cluster",
+            k.use_gpu,
+            k.num_actors if k.backend == "ray" else 1,
+            k.cpus_per_actor,
+            "num_actors",
+            "cpus_per_actor",
+        ),
     ]
     if cfg.pretrain.source not in ("checkpoint", "torchvision"):
         t = cfg.pretrain.train

@@ -184,6 +184,8 @@ def test_video_corpus_every_file_has_features_or_a_reason(ray_session, tmp_path)
         ("retrain.use_gpu=yes", "set retrain.use_gpu=auto"),
         ("pretrain.train.num_workers=3", "lower pretrain.train.num_workers"),
         ("extract.num_actors=8", "lower extract.num_actors"),
+        ("cluster.use_gpu=yes", "cluster.use_gpu=yes asks for 1 GPU"),
+        ("cluster.cpus_per_actor=3", "cluster asks for 1 x 3 CPUs"),
     ],
 )
 def test_resources_the_local_ray_lacks_fail_fast_before_any_stage(ray_session, tmp_path, override, message):
