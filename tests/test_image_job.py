@@ -115,6 +115,7 @@ def test_image_job_end_to_end_resume_and_a_second_target(ray_session, demo):
     assert metrics["transfer_metric"] == {"target": "top-1", "shapes": "mAP"}
     assert metrics["versions"]["cf_ray"] == cf_ray.__version__ and metrics["versions"]["torch"][0].isdigit()
     assert metrics["skipped_inputs"] == 2 and "nmi" in metrics["cluster"]
+    assert metrics["cluster"]["device"] == "cpu" and "k-means ran on cpu (backend faiss)" in report
     assert "pretrain per epoch:" in report and "retrain per epoch:" in report
     assert all(h[0]["items_per_s"] > 0 and h[0]["loss"] > 0 for h in metrics["training_history"].values())
     assert (run / "models" / "clusterfit" / "backbone.pt").exists()
