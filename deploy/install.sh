@@ -41,7 +41,7 @@ while [ $# -gt 0 ]; do
     --test) test_extra=1 ;;
     --dry-run) dry_run=1 ;;
     --report) keep_report=$2; shift ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "install.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
