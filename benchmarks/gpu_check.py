@@ -440,14 +440,14 @@ def part_train(c: Check) -> None:
 
 
 def demo_config(c: Check, data, target):
-    """configs/video_demo.yaml with every stage on the GPU (use_gpu=yes; precision and channels_last stay auto,
+    """The packaged video_demo.yaml with every stage on the GPU (use_gpu=yes; precision and channels_last stay auto,
     i.e. bf16 and channels_last_3d on the GPU)."""
     from cf_ray.config import JobConfig, load_config
 
     gpu = [f"{k}.use_gpu={c.use_gpu}" for k in ("pretrain.train", "extract", "cluster", "retrain")]
     return load_config(
         JobConfig,
-        str(ROOT / "configs" / "video_demo.yaml"),
+        "video_demo.yaml",  # a bare name: the packaged config
         [f"data={data}", f"target={target}", f"run_dir={c.work / 'demo_run'}", *gpu, *c.sizes["demo"]["overrides"]],
     )
 
