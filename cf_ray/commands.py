@@ -1,4 +1,4 @@
-"""`cf-ray export | embed | index | search`: use a run's models after the job (see README, "Use the ClusterFit model")."""
+"""`cf-ray export | embed | index | search`: a finished run's models in use (README: "Use the ClusterFit model")."""
 
 from __future__ import annotations
 
@@ -51,6 +51,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 
 def _index_config(run_dir: str | None, overrides: list[str]):
+    from pydantic import ValidationError
+
     from cf_ray.config import ConfigError, IndexConfig, parse_override
 
     tree = {}
@@ -65,10 +67,9 @@ def _index_config(run_dir: str | None, overrides: list[str]):
         tree[keys[1]] = value
     try:
         return IndexConfig.model_validate(tree)
-    except ValueError as e:
-        err = e.errors()[0] if hasattr(e, "errors") else None
-        where = ".".join(str(x) for x in err["loc"]) if err else ""
-        raise ConfigError(f"index.{where}: {err['msg'] if err else e}") from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ConfigError(f"index.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
 def _export(a) -> None:
@@ -87,7 +88,8 @@ def _embed(a) -> None:
     r = run_embed(a.run_dir, a.data, a.out, a.model, a.layer, a.centroids, a.overrides)
     c = r["centroids"]
     print(
-        f"embedded {r['rows']} {r['modality']}s ({r['ok']} ok, {r['skipped']} skipped) with {r['model']} at {r['layer']}"
+        f"embedded {r['rows']} {r['modality']}s ({r['ok']} ok, {r['skipped']} skipped) "
+        f"with {r['model']} at {r['layer']}"
     )
     print(f"  -> {a.out} (id, path, embedding, cluster, distance, error)")
     print(f"  centroids: {c['source']} ({c['description']}), k={c['k']}, {c['uri']}")
@@ -137,7 +139,7 @@ def _search(a) -> None:
                     f"query {q} cannot be used: {reason}; pass a {s.model().modality} file the run's decoder reads"
                 ) from None
             raise
-        metric = "cosine similarity" if s.info["metric"] == "cosine" else "squared L2 distance"
+        metric = "1 - cosine similarity" if s.info["metric"] == "cosine" else "squared L2 distance"
         print(f"query {q}: {len(hits)} nearest of {s.info['n']} ({s.info['kind']} index, distance = {metric})")
         print("rank\tid\tpath\tdistance")
         for r, h in enumerate(hits, 1):

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydantic import ValidationError
 
 from cf_ray import storage
 from cf_ray.api import (
@@ -80,14 +81,14 @@ def _assign_part(src: str, dst: str, layer: str, centroids: Centroids, meta: byt
     fs, p = storage.resolve(src)
     t = pq.read_table(p, filesystem=fs, columns=["id", "path", "error", f"feat_{layer}"])
     col = t[f"feat_{layer}"].combine_chunks()
-    ok = np.asarray(pc.equal(t["error"], "").to_numpy(zero_copy_only=False), dtype=bool)
+    valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    ok = valid & np.asarray(pc.equal(t["error"], "").to_numpy(zero_copy_only=False), dtype=bool)
     cluster = np.zeros(t.num_rows, np.int64)
     dist = np.zeros(t.num_rows, np.float32)
     if ok.any():
-        d = col.type.list_size
-        x = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)[ok]
-        cluster[ok], dist[ok] = centroids.assign(x)
-    mask = pa.array(~ok)
+        x = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)  # the non-null rows
+        cluster[ok], dist[ok] = centroids.assign(x[ok[valid]])
+    mask = ~ok
     out = pa.table(
         {
             "id": t["id"],
@@ -143,8 +144,9 @@ def run_embed(
         extract_tree[keys[1]] = value
     try:
         extract = ExtractConfig.model_validate({**extract_tree, "layers": [layer]})
-    except ValueError as e:
-        raise ConfigError(f"invalid extract override: {e}".splitlines()[0]) from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ConfigError(f"extract.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
     media = run_media(cfg)
     video = cfg.get("modality") == "video"
     items, skipped = list_items(data, VIDEO_EXTS if video else IMAGE_EXTS)

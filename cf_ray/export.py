@@ -225,7 +225,8 @@ def card_markdown(card: dict) -> str:
     video = card["modality"] == "video"
     shape = "(N, 3, T, S, S)" if video else "(N, 3, S, S)"
     load = (
-        "```python\nimport torch\nm = torch.export.load('model.pt2').module()\nembeddings = m(x)  # tuple, in `outputs` order\n```"
+        "```python\nimport torch\nm = torch.export.load('model.pt2').module()\n"
+        "embeddings = m(x)  # tuple, in `outputs` order\n```"
         if card["format"] == "torch_export"
         else "```python\nimport onnxruntime as ort\ns = ort.InferenceSession('model.onnx')\n"
         "embeddings = s.run(None, {'input': x.numpy()})\n```"
@@ -238,7 +239,8 @@ def card_markdown(card: dict) -> str:
         "",
         "## Architecture",
         "",
-        f"`{a['arch']}`, width {a['width']}, {a['stem']} stem, {a['parameters']:,} parameters (backbone only, no head).",
+        f"`{a['arch']}`, width {a['width']}, {a['stem']} stem, {a['parameters']:,} parameters "
+        "(backbone only, no head).",
         "",
         "## Input",
         "",

@@ -44,8 +44,9 @@ def choose_kind(n: int, cfg: IndexConfig) -> str:
 
 
 def default_nlist(n: int, cfg: IndexConfig) -> int:
-    nlist = cfg.nlist or int(4 * math.sqrt(n))
-    return max(1, min(nlist, n // 39 or 1))
+    if cfg.nlist:
+        return max(1, min(cfg.nlist, n))
+    return max(1, min(int(4 * math.sqrt(n)), n // 39))
 
 
 def make_index(x: np.ndarray, cfg: IndexConfig, gpu: bool = False):
@@ -278,6 +279,8 @@ class Searcher:
         model = self.model(run_dir, which)
         emb = model.embed(queries, layer=self.info["layer"])
         scores, rows = self.search(emb, k)
+        if self.info["metric"] == "cosine":
+            scores = 1.0 - scores  # cosine distance: smaller is closer, as for l2
         return [
             [{"id": self.ids[r], "path": self.paths[r], "distance": float(s)} for s, r in zip(srow, rrow) if r >= 0]
             for srow, rrow in zip(scores, rows)

@@ -47,7 +47,8 @@ def test_export_matches_eager(runs, modality, fmt, tmp_path, capsys):
     got = run_exported(str(file), fmt, x)
     diff = max(float(np.abs(g - eager[l].numpy()).max()) for g, l in zip(got, ["res4", "res5"]))
     print(
-        f"{modality} {fmt}: max abs diff exported vs eager {diff:.3g} (card: {card['check']['max_abs_diff_vs_eager']:.3g})"
+        f"{modality} {fmt}: max abs diff exported vs eager {diff:.3g} "
+        f"(card: {card['check']['max_abs_diff_vs_eager']:.3g})"
     )
     assert [g.shape for g in got] == [(5, 16), (5, 32)]
     assert diff < 1e-4 and card["check"]["max_abs_diff_vs_eager"] < 1e-4
