@@ -373,7 +373,7 @@ class Model:
         extraction stage computes them (a video's feature is the mean over its clips)."""
         import torch
 
-        from cf_ray.stages.extract import normalize
+        from cf_ray.media.decode import normalize
 
         n = len(pixels)
         per_item = pixels.shape[1] if self.modality == "video" else 1

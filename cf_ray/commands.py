@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cf_ray import log
+
 COMMANDS = ("export", "embed", "index", "search")
 
 
@@ -150,9 +152,10 @@ def main(argv: list[str], prog: str = "cf-ray") -> int:
     from cf_ray.api import ApiError
     from cf_ray.config import ConfigError
     from cf_ray.sources import SourceError
-    from cf_ray.stages.extract import IncompleteOutputError
+    from cf_ray.storage import IncompleteOutputError
 
     a = _parser(prog).parse_args(argv)
+    log.setup()
     try:
         {"export": _export, "embed": _embed, "index": _index, "search": _search}[a.command](a)
     except (ApiError, ConfigError, SourceError, IncompleteOutputError) as e:

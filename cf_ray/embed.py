@@ -43,7 +43,6 @@ from cf_ray.config import ExtractConfig
 
 log = logging.getLogger(__name__)
 
-SUCCESS = "_SUCCESS.json"
 META = "_embed.json"
 META_KEY = b"cf_ray.embed"
 
@@ -120,15 +119,16 @@ def run_embed(
     import ray
 
     from cf_ray.config import ConfigError, parse_override
+    from cf_ray.features import part_files
+    from cf_ray.media.items import write_items
     from cf_ray.runtime import init_ray
     from cf_ray.sources import IMAGE_EXTS, VIDEO_EXTS, list_items
-    from cf_ray.stages.extract import part_files, run_extract, write_items
+    from cf_ray.stages.extract import run_extract
 
     run_dir = check_run_dir(run_dir)
-    marker = storage.join(out, SUCCESS)
-    if storage.exists(marker):
+    if storage.is_complete(out):
         log.info("embed: %s is complete, nothing to do", out)
-        return storage.read_json(marker)
+        return storage.read_marker(out)
     cfg = read_run_config(run_dir)
     model_uri = model_dir(run_dir, which)
     from cf_ray.models.checkpoint import load_backbone
@@ -191,24 +191,16 @@ def run_embed(
     }
     storage.write_json(storage.join(out, META), result)
     storage.delete_dir(tmp)
-    storage.write_json(marker, result)  # last: the folder is complete from here on
+    storage.mark_complete(out, result)  # last: the folder is complete from here on
     log.info("embed: %d rows (%d ok) -> %s in %.1fs", result["rows"], result["ok"], out, secs)
     return result
 
 
 def read_embeddings(uri: str) -> tuple[list[str], list[str], np.ndarray]:
     """(ids, paths, embeddings float32 (n, d)) of the rows that embedded fine, from a complete embed output."""
-    from cf_ray.stages.extract import part_files, require_complete
+    from cf_ray import features
 
-    require_complete(uri)
-    fs, _ = storage.resolve(uri)
-    t = pa.concat_tables(
-        [
-            pq.read_table(storage.resolve(f)[1], filesystem=fs, columns=["id", "path", "embedding", "error"])
-            for f in part_files(uri)
-        ]
-    )
-    t = t.filter(pc.equal(t["error"], ""))
+    t = features.read_table(uri, ["id", "path", "embedding"])
     col = t["embedding"].combine_chunks()
     x = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size).astype(np.float32, copy=False)
     return t["id"].to_pylist(), t["path"].to_pylist(), x

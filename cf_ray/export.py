@@ -49,7 +49,7 @@ def example_input(model: Model, batch: int, seed: int = 0):
     """A normalised input batch of the model's shape: decoded-looking uint8 noise through the run's normalisation."""
     import torch
 
-    from cf_ray.stages.extract import normalize
+    from cf_ray.media.decode import normalize
 
     spec = model.input_spec
     shape = (batch, spec["clip_len"], spec["size"], spec["size"], 3) if model.modality == "video" else None

@@ -20,7 +20,6 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cf_ray import storage
@@ -105,29 +104,38 @@ def prepare(x: np.ndarray, metric: str) -> np.ndarray:
 
 def read_vectors(uri: str, layer: str) -> tuple[list[str], list[str], np.ndarray]:
     """(ids, paths, float32 (n, d)) of the usable rows of a features folder or an embed output."""
-    from cf_ray.stages.extract import part_files, require_complete
+    from cf_ray import features
+
+    col = vector_column(uri, layer)
+    t = features.read_table(uri, ["id", "path", col])
+    c = t[col].combine_chunks()
+    if t.num_rows == 0:
+        return [], [], np.zeros((0, c.type.list_size), np.float32)
+    x = c.flatten().to_numpy(zero_copy_only=False).reshape(-1, c.type.list_size).astype(np.float32, copy=False)
+    return t["id"].to_pylist(), t["path"].to_pylist(), x
+
+
+def vector_column(uri: str, layer: str) -> str:
+    """The column holding the vectors (``embedding`` in an embed output, else ``feat_<layer>``), after the
+    cheap checks: one-line errors before any Ray work."""
+    from cf_ray import features
 
     if not storage.exists(uri):
         raise ApiError(
             f"features folder {uri} does not exist; pass a run's features/<model>/<dataset> or an embed --out"
         )
-    require_complete(uri)
-    files = part_files(uri)
-    if not files:
-        raise ApiError(f"{uri} holds no part-*.parquet files; pass a features folder or an embed output")
-    fs, _ = storage.resolve(uri)
-    names = pq.read_schema(storage.resolve(files[0])[1], filesystem=fs).names
-    col = "embedding" if "embedding" in names else f"feat_{layer}"
-    if col not in names:
+    try:
+        names = features.dataset(uri).schema.names
+    except storage.IncompleteOutputError as e:
+        raise ApiError(str(e)) from None
+    except FileNotFoundError:
+        raise ApiError(f"{uri} holds no part-*.parquet files; pass a features folder or an embed output") from None
+    if "embedding" in names:
+        return "embedding"
+    if features.column(layer) not in names:
         have = [n.removeprefix("feat_") for n in names if n.startswith("feat_")]
         raise ApiError(f"{uri} has no {layer} features; use --layer with one of {', '.join(have)}")
-    t = pa.concat_tables(
-        [pq.read_table(storage.resolve(f)[1], filesystem=fs, columns=["id", "path", "error", col]) for f in files]
-    )
-    t = t.filter(pc.equal(t["error"], ""))
-    c = t[col].combine_chunks()
-    x = c.flatten().to_numpy(zero_copy_only=False).reshape(-1, c.type.list_size).astype(np.float32, copy=False)
-    return t["id"].to_pylist(), t["path"].to_pylist(), x
+    return features.column(layer)
 
 
 def describe_source(uri: str, layer: str) -> dict:
@@ -187,33 +195,11 @@ def build_index(uri: str, layer: str = "res5", cfg: IndexConfig | None = None) -
 
     cfg = cfg or IndexConfig()
     uri = storage.absolute(uri)
-    read_vectors_check(uri, layer)
+    vector_column(uri, layer)
     init_ray()
     gpu = want_gpu(cfg.use_gpu) and _faiss_gpu()
     task = ray.remote(num_cpus=cfg.num_cpus, num_gpus=1 if gpu else 0)(_build_task)
     return ray.get(task.remote(uri, layer, cfg, gpu))
-
-
-def read_vectors_check(uri: str, layer: str) -> None:
-    """The cheap checks of ``read_vectors`` on the driver, before any Ray work (one-line errors)."""
-    from cf_ray.stages.extract import IncompleteOutputError, part_files, require_complete
-
-    if not storage.exists(uri):
-        raise ApiError(
-            f"features folder {uri} does not exist; pass a run's features/<model>/<dataset> or an embed --out"
-        )
-    try:
-        require_complete(uri)
-    except IncompleteOutputError as e:
-        raise ApiError(str(e)) from None
-    files = part_files(uri)
-    if not files:
-        raise ApiError(f"{uri} holds no part-*.parquet files; pass a features folder or an embed output")
-    fs, p = storage.resolve(files[0])
-    names = pq.read_schema(p, filesystem=fs).names
-    if "embedding" not in names and f"feat_{layer}" not in names:
-        have = [n.removeprefix("feat_") for n in names if n.startswith("feat_")]
-        raise ApiError(f"{uri} has no {layer} features; use --layer with one of {', '.join(have)}")
 
 
 def _faiss_gpu() -> bool:

@@ -7,10 +7,11 @@ from pathlib import Path
 
 from cf_ray import storage
 from cf_ray.config import JobConfig, dump_config, load_config
+from cf_ray.media.items import write_items
 from cf_ray.models.checkpoint import build, save_backbone
 from cf_ray.sources import IMAGE_EXTS, VIDEO_EXTS, list_items
 from cf_ray.stages.cluster import run_cluster
-from cf_ray.stages.extract import run_extract, write_items
+from cf_ray.stages.extract import run_extract
 
 IMAGE = ["image.size=16", "extract.batch_size=8", "extract.block_rows=8", "cluster.k=4", "cluster.niter=5"]
 VIDEO = [

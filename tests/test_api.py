@@ -12,7 +12,7 @@ from run_helpers import make_run
 import cf_ray
 from cf_ray.api import ApiError
 from cf_ray.config import ConfigError
-from cf_ray.stages.extract import read_features
+from cf_ray.features import read_features
 
 
 @pytest.fixture(scope="module")
