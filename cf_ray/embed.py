@@ -1,15 +1,15 @@
 """Batch embedding of new images or videos with a run's model, through the extraction stage's Ray Data actor pool.
 
-``run_embed`` lists the inputs (a folder or manifest, local or a URI), runs ``stages.extract.run_extract`` with
-the run's decode and model settings at one layer into ``<out>/_extract`` (resumable like any extraction),
-then one Ray task per part file adds each row's cluster and distance and writes ``<out>/part-*.parquet``:
+``run_embed`` lists the inputs (a folder or manifest, local or a URI) and runs ``stages.extract.run_extract``
+with the run's decode and model settings at one layer into ``<out>`` (resumable like any extraction); each
+extraction actor also assigns its batch's clusters (``AssignColumns``), so ``<out>/part-*.parquet`` hold:
 
     id, path, embedding (fixed-size float32 list), cluster (int64), distance (float32), error ('' when fine)
 
 Undecodable inputs keep their row with a null embedding/cluster and the reason in ``error``; they are also in
-``<out>/_errors.parquet`` with what listing skipped. Which centroids were used (the run's k-means, fit on the
-pre-trained model's features, or a k-means of the chosen model's own features) is in ``<out>/_embed.json``
-and in every part file's Parquet schema metadata (key ``cf_ray.embed``). ``_SUCCESS.json`` is written last.
+``<out>/_errors.parquet`` (what listing skipped: ``_skipped.parquet``). Which centroids were used (the run's
+k-means, fit on the pre-trained model's features, or a k-means of the chosen model's own features) is in
+``<out>/_embed.json`` and in the part files' Parquet schema metadata (key ``cf_ray.embed``).
 """
 
 from __future__ import annotations
@@ -75,34 +75,33 @@ def choose_centroids(run_dir: str, which: str, layer: str, choice: str, cfg: dic
     return c
 
 
-def _assign_part(src: str, dst: str, layer: str, centroids: Centroids, meta: bytes) -> int:
-    """One extraction part file -> one embed part file with cluster and distance."""
-    fs, p = storage.resolve(src)
-    t = pq.read_table(p, filesystem=fs, columns=["id", "path", "error", f"feat_{layer}"])
-    col = t[f"feat_{layer}"].combine_chunks()
-    valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-    ok = valid & np.asarray(pc.equal(t["error"], "").to_numpy(zero_copy_only=False), dtype=bool)
-    cluster = np.zeros(t.num_rows, np.int64)
-    dist = np.zeros(t.num_rows, np.float32)
-    if ok.any():
-        x = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)  # the non-null rows
-        cluster[ok], dist[ok] = centroids.assign(x[ok[valid]])
-    mask = ~ok
-    out = pa.table(
-        {
-            "id": t["id"],
-            "path": t["path"],
-            "embedding": col,
-            "cluster": pa.array(cluster, pa.int64(), mask=mask),
-            "distance": pa.array(dist, pa.float32(), mask=mask),
-            "error": t["error"],
-        }
-    )
-    out = out.replace_schema_metadata({META_KEY: meta})
-    buf = io.BytesIO()
-    pq.write_table(out, buf)
-    storage.write_bytes(dst, buf.getvalue())
-    return out.num_rows
+class AssignColumns:
+    """The extraction actor's last step (``run_extract(post=...)``): a feature batch -> the embed columns
+    (id, path, embedding, cluster, distance, error), cluster ids from ``centroids``."""
+
+    def __init__(self, layer: str, centroids: Centroids, meta: bytes):
+        self.layer, self.centroids, self.meta = layer, centroids, meta
+
+    def __call__(self, t: pa.Table) -> pa.Table:
+        col = t[f"feat_{self.layer}"].combine_chunks()
+        valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+        ok = valid & np.asarray(pc.equal(t["error"], "").to_numpy(zero_copy_only=False), dtype=bool)
+        cluster = np.zeros(t.num_rows, np.int64)
+        dist = np.zeros(t.num_rows, np.float32)
+        if ok.any():
+            x = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)  # the non-null rows
+            cluster[ok], dist[ok] = self.centroids.assign(x[ok[valid]])
+        out = pa.table(
+            {
+                "id": t["id"],
+                "path": t["path"],
+                "embedding": col,
+                "cluster": pa.array(cluster, pa.int64(), mask=~ok),
+                "distance": pa.array(dist, pa.float32(), mask=~ok),
+                "error": t["error"],
+            }
+        )
+        return out.replace_schema_metadata({META_KEY: self.meta})
 
 
 def run_embed(
@@ -116,19 +115,17 @@ def run_embed(
 ) -> dict:
     """Embed every image or video of ``data`` with the run's ``which`` model into Parquet at ``out``.
     ``overrides`` (``extract.num_actors=4``...) change the run's extraction settings for this job only."""
-    import ray
-
     from cf_ray.config import ConfigError, parse_override
-    from cf_ray.features import part_files
     from cf_ray.media.items import write_items
     from cf_ray.runtime import init_ray
     from cf_ray.sources import IMAGE_EXTS, VIDEO_EXTS, list_items
     from cf_ray.stages.extract import run_extract
 
     run_dir = check_run_dir(run_dir)
-    if storage.is_complete(out):
+    meta_uri = storage.join(out, META)
+    if storage.is_complete(out) and storage.exists(meta_uri) and "rows" in storage.read_json(meta_uri):
         log.info("embed: %s is complete, nothing to do", out)
-        return storage.read_marker(out)
+        return storage.read_json(meta_uri)
     cfg = read_run_config(run_dir)
     model_uri = model_dir(run_dir, which)
     from cf_ray.models.checkpoint import load_backbone
@@ -162,36 +159,25 @@ def run_embed(
         "centroids": c.info,
     }
     meta = json.dumps(info).encode()
+    storage.write_json(storage.join(out, META), info)  # what the parts hold; completed with counts below
     items_uri = storage.join(out, "_items.parquet")
     write_items(items, items_uri)
-    tmp = storage.join(out, "_extract")
-    t0 = time.time()
-    ext = run_extract(extract, media, items_uri, model_uri, tmp)
-    t_extract = time.time() - t0
-    assign = ray.remote(num_cpus=1)(_assign_part)
-    c_ref = ray.put(c)
-    parts = part_files(tmp)
-    rows = ray.get([assign.remote(f, storage.join(out, f.rsplit("/", 1)[-1]), layer, c_ref, meta) for f in parts])
-    fs, p = storage.resolve(storage.join(tmp, "_errors.parquet"))
-    bad = pq.read_table(p, filesystem=fs).select(["id", "path", "error"])
-    listed = skipped.select(["id", "path", "error"]).cast(bad.schema) if skipped.num_rows else bad.schema.empty_table()
-    errors = pa.concat_tables([bad, listed])
     buf = io.BytesIO()
-    pq.write_table(errors, buf)
-    storage.write_bytes(storage.join(out, "_errors.parquet"), buf.getvalue())
+    pq.write_table(skipped, buf)
+    storage.write_bytes(storage.join(out, "_skipped.parquet"), buf.getvalue())  # what listing left out
+    t0 = time.time()
+    ext = run_extract(extract, media, items_uri, model_uri, out, post=AssignColumns(layer, c, meta))
     secs = time.time() - t0
     result = {
         **info,
-        "rows": int(sum(rows)),
+        "rows": int(ext["rows"]),
         "ok": int(ext["ok"]),
-        "skipped": int(errors.num_rows),
+        "skipped": int(ext["skipped"]),
+        "not_listed": int(skipped.num_rows),
         "seconds": round(secs, 2),
-        "extract_seconds": round(t_extract, 2),
-        "items_per_s": round(sum(rows) / secs, 1) if secs > 0 else None,
+        "items_per_s": round(ext["rows"] / secs, 1) if secs > 0 else None,
     }
     storage.write_json(storage.join(out, META), result)
-    storage.delete_dir(tmp)
-    storage.mark_complete(out, result)  # last: the folder is complete from here on
     log.info("embed: %d rows (%d ok) -> %s in %.1fs", result["rows"], result["ok"], out, secs)
     return result
 

@@ -45,7 +45,7 @@ def test_embed_pretrained_with_the_runs_centroids(setup, tmp_path, capsys):
     assert "centroids: run" in capsys.readouterr().out
     t = pq.read_table(out)
     assert t.column_names == ["id", "path", "embedding", "cluster", "distance", "error"]
-    assert t.num_rows == 9 and len(list(out.glob("part-*.parquet"))) >= 1 and not (out / "_extract").exists()
+    assert t.num_rows == 9 and len(list(out.glob("part-*.parquet"))) >= 1
     meta = json.loads(t.schema.metadata[b"cf_ray.embed"])
     assert meta["centroids"]["source"] == "run" and meta["centroids"]["built_on"] == "pretrained"
     assert meta["model"] == "pretrained" and meta["layer"] == "res5"
@@ -144,6 +144,15 @@ def test_index_and_search(setup, tmp_path, capsys):
     (s1, r1), (s2, r2) = ivf.search(q, 5), flat.search(q, 5)
     assert [[ivf.ids[i] for i in row] for row in r1] == [[flat.ids[i] for i in row] for row in r2]
     np.testing.assert_allclose(s1, s2, atol=1e-5)
+
+    # The run's source embedded by the ClusterFit model (its own_clusters features): the query finds itself.
+    assert main(["index", "--run-dir", str(run), "--model", "clusterfit"]) == 0
+    own = run / "own_clusters" / "clusterfit_res5" / "features"
+    info = json.loads((own / "_index" / "index.json").read_text())
+    assert info["model"] == "clusterfit" and info["run_dir"] == str(run) and info["n"] == 12
+    capsys.readouterr()
+    assert main(["search", "--index", str(own), "--query", str(query), "-k", "2"]) == 0
+    assert capsys.readouterr().out.splitlines()[2].split("\t")[2] == str(query)
 
     _one_line_error(
         capsys,
