@@ -168,3 +168,32 @@ def test_run_job_checks_its_config_first(tmp_path):
 
     with pytest.raises(SourceError, match="no data path"):
         cf_ray.run_job(JobConfig(run_dir=str(tmp_path / "r")))
+
+
+def test_load_model_and_embed_from_s3(tmp_path, monkeypatch):
+    """A run directory and inputs on S3 (a real S3-compatible server on loopback): load, embed by URI, export."""
+    from s3_server import LoopbackS3
+
+    run, data = make_run(tmp_path, "image", cluster=False)
+    server = LoopbackS3()
+    try:
+        for k, v in server.env.items():
+            monkeypatch.setenv(k, v)
+        uri = server.upload(run, "runs", "r")
+        images = server.upload(data, "in", "images")
+        m = cf_ray.load_model(uri, which="pretrained")
+        assert m.run_dir == uri and m.centroids is None and "cluster stage" in m.centroid_note
+        local = sorted(data.glob("*/*.jpg"))[:2]
+        remote = [f"{images}/{p.parent.name}/{p.name}" for p in local]
+        np.testing.assert_allclose(m.embed(remote), m.embed([str(p) for p in local]), atol=1e-6)
+        from cf_ray.export import export_model
+
+        card = export_model(uri, "torch_export", which="pretrained")
+        assert card["out"] == f"{uri}/export/pretrained_torch_export" and card["check"]["max_abs_diff_vs_eager"] < 1e-4
+        assert {"model.pt2", "model_card.json", "MODEL_CARD.md"} <= set(
+            server.listing("runs", "r", "export", "pretrained_torch_export")
+        )
+        with pytest.raises(ApiError, match="does not exist"):
+            cf_ray.load_model(server.uri("runs", "missing"))
+    finally:
+        server.stop()
