@@ -18,7 +18,11 @@ STAGES = ("all", "pretrain", "extract", "cluster", "retrain", "transfer", "repor
 def parser(prog: str = "cf-ray", with_stage: bool = True) -> argparse.ArgumentParser:
     from cf_ray.environment import add_version_argument
 
-    p = argparse.ArgumentParser(prog=prog, description="ClusterFit on Ray, for images and video.")
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="ClusterFit on Ray, for images and video. "
+        "A finished run's models: cf-ray export | embed | index | search (each with -h).",
+    )
     add_version_argument(p)
     if with_stage:
         p.add_argument(
