@@ -132,9 +132,12 @@ class Centroids:
     def input_dim(self) -> int:
         return int(self.transform["proj"].shape[0]) if self.transform is not None else int(self.centroids.shape[1])
 
-    def assign(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def assign(self, embeddings: np.ndarray, backend: str = "faiss") -> tuple[np.ndarray, np.ndarray]:
         """(cluster int64, distance float32) per row, as the clustering stage assigns: L2-normalise, whiten,
-        nearest centroid (squared L2; inner product when spherical)."""
+        nearest centroid (squared L2; inner product when spherical).
+
+        backend="torch" computes the same with torch's matmul on the calling thread settings: an extraction
+        actor uses it so as not to import faiss and start its OpenMP pool next to torch's."""
         from cf_ray.kmeans.core import l2_normalize, nearest, pca_whiten_apply
 
         x = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32))
@@ -147,7 +150,30 @@ class Centroids:
             x = l2_normalize(x)
         if self.transform is not None:
             x = pca_whiten_apply(x, self.transform)
-        return nearest(np.ascontiguousarray(x, np.float32), self.centroids, self.spherical)
+        x = np.ascontiguousarray(x, np.float32)
+        if backend == "torch":
+            return nearest_torch(x, self.centroids, self.spherical)
+        return nearest(x, self.centroids, self.spherical)
+
+
+def nearest_torch(x: np.ndarray, centroids: np.ndarray, spherical: bool = False, rows: int = 4096):
+    """faiss.knn(x, centroids, 1) with torch: squared L2 as ||x||^2 - 2 x.c + ||c||^2 clamped at 0 (faiss's
+    formula), or the largest inner product when spherical; ``rows`` at a time."""
+    import torch
+
+    c = torch.from_numpy(np.ascontiguousarray(centroids, np.float32))
+    cc = (c * c).sum(1)
+    labels, scores = np.zeros(len(x), np.int64), np.zeros(len(x), np.float32)
+    with torch.inference_mode():
+        for s in range(0, len(x), rows):
+            xt = torch.from_numpy(x[s : s + rows])
+            ip = xt @ c.T
+            if spherical:
+                score, idx = ip.max(1)
+            else:
+                score, idx = ((xt * xt).sum(1, keepdim=True) - 2 * ip + cc[None]).clamp_min_(0).min(1)
+            labels[s : s + rows], scores[s : s + rows] = idx.numpy(), score.numpy()
+    return labels, scores
 
 
 def run_centroids(run_dir: str, cfg: dict) -> Centroids | None:

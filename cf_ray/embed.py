@@ -90,7 +90,7 @@ class AssignColumns:
         dist = np.zeros(t.num_rows, np.float32)
         if ok.any():
             x = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)  # the non-null rows
-            cluster[ok], dist[ok] = self.centroids.assign(x[ok[valid]])
+            cluster[ok], dist[ok] = self.centroids.assign(x[ok[valid]], backend="torch")
         out = pa.table(
             {
                 "id": t["id"],

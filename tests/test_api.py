@@ -197,3 +197,16 @@ def test_load_model_and_embed_from_s3(tmp_path, monkeypatch):
             cf_ray.load_model(server.uri("runs", "missing"))
     finally:
         server.stop()
+
+
+def test_torch_assignment_equals_faiss():
+    """The extraction actors assign with torch (no faiss import there); it must agree with faiss."""
+    from cf_ray.api import Centroids
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5000, 24)).astype(np.float32)
+    for spherical in (False, True):
+        c = Centroids(rng.normal(size=(37, 24)).astype(np.float32), "res5", True, None, spherical)
+        (l1, d1), (l2, d2) = c.assign(x), c.assign(x, backend="torch")
+        assert (l1 == l2).mean() > 0.999
+        np.testing.assert_allclose(d1, d2, atol=1e-4)
