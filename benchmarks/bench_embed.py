@@ -126,12 +126,12 @@ def bench_embed(args) -> dict:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def clustered(n: int, d: int, centres: int, seed: int, point_seed: int) -> np.ndarray:
+def clustered(n: int, d: int, centres: int, seed: int, point_seed: int, spread=(0.5, 1.0)) -> np.ndarray:
     """Gaussian blobs around ``centres`` random centres (unequal spreads; the blobs from ``seed``, the points
     from ``point_seed``): "random-ish" like real embeddings."""
     rng = np.random.default_rng(seed)
     c = rng.normal(size=(centres, d)).astype(np.float32)
-    spread = rng.uniform(0.5, 1.0, centres).astype(np.float32)  # overlapping blobs: IVF recall below 1
+    spread = rng.uniform(*spread, centres).astype(np.float32)  # per-dimension std of each blob
     rng = np.random.default_rng(point_seed)
     out = np.empty((n, d), np.float32)
     step = 1 << 18
@@ -148,8 +148,9 @@ def bench_search(args) -> dict:
     from cf_ray.index import make_index, prepare
 
     faiss.omp_set_num_threads(args.faiss_threads)
-    x = prepare(clustered(args.n, args.d, args.centres, 0, 1), "cosine")
-    q = prepare(clustered(args.queries, args.d, args.centres, 0, 2), "cosine")  # new points from the same blobs
+    spread = (args.spread_min, args.spread_max)
+    x = prepare(clustered(args.n, args.d, args.centres, 0, 1, spread), "cosine")
+    q = prepare(clustered(args.queries, args.d, args.centres, 0, 2, spread), "cosine")  # new points, same blobs
     t0 = time.time()
     flat, _ = make_index(x, IndexConfig(kind="flat"))
     build_flat = time.time() - t0
@@ -175,7 +176,8 @@ def bench_search(args) -> dict:
         "recall_at_10": round(recall, 4),
     }
     print(
-        f"search on {args.n:,} x {args.d} clustered vectors ({args.centres} blobs), {args.queries} queries, "
+        f"search on {args.n:,} x {args.d} clustered vectors ({args.centres} blobs, per-dimension std "
+        f"{args.spread_min}-{args.spread_max} around N(0, 1) centres), {args.queries} queries, "
         f"{args.faiss_threads} faiss thread(s):"
     )
     print(f"exact (IndexFlat)                 : {results['qps']['exact']:10.1f} queries/s (build {build_flat:.1f} s)")
@@ -204,6 +206,8 @@ def main() -> None:
     p.add_argument("--d", type=int, default=128)
     p.add_argument("--centres", type=int, default=1000)
     p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--spread-min", type=float, default=0.5, help="blob std per dimension (centres are N(0, 1))")
+    p.add_argument("--spread-max", type=float, default=1.0)
     p.add_argument("--nlist", type=int, default=None, help="IVF lists (default: cf_ray's, 4*sqrt(n))")
     p.add_argument("--nprobe", type=int, default=32)
     p.add_argument("--train-size", type=int, default=256_000)
