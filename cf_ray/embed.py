@@ -104,6 +104,18 @@ class AssignColumns:
         return out.replace_schema_metadata({META_KEY: self.meta})
 
 
+def model_taps(model_uri: str) -> dict[str, int]:
+    """A saved model's taps without loading its weights (built on the meta device: no memory, no time)."""
+    import torch
+
+    from cf_ray.config import ModelConfig
+    from cf_ray.models.checkpoint import build
+
+    cfg = ModelConfig.model_validate(storage.read_json(storage.join(model_uri, "model.json")))
+    with torch.device("meta"):
+        return dict(build(cfg).feature_info)
+
+
 def run_embed(
     run_dir: str,
     data: str,
@@ -128,9 +140,7 @@ def run_embed(
         return storage.read_json(meta_uri)
     cfg = read_run_config(run_dir)
     model_uri = model_dir(run_dir, which)
-    from cf_ray.models.checkpoint import load_backbone
-
-    taps = load_backbone(model_uri)[0].feature_info
+    taps = model_taps(model_uri)
     if layer not in taps:
         raise ApiError(f"layer {layer!r} is not a tap of this model; use one of {', '.join(taps)}")
     extract_tree = dict(cfg.get("extract") or {})
