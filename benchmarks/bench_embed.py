@@ -2,7 +2,8 @@
 
 1. ``cf-ray embed`` vs the extraction stage on the same images, same model, same actor pool settings:
    embed = list the folder + the extraction stage (run_extract) + a Ray task per part for cluster ids;
-   extract = run_extract alone on the already-listed items. Rounds alternate; medians and the ratio are printed.
+   extract = run_extract alone on the already-listed items. Rounds alternate, and so does which of the two
+   goes first in a round; medians and the ratio are printed.
 2. faiss search on clustered Gaussian vectors (``--n`` x ``--d``): queries/s of the exact index (IndexFlat) and
    of IVF-Flat (cf_ray.index.make_index, the index `cf-ray index` builds), and IVF's recall@10 against exact.
 
@@ -100,15 +101,26 @@ def bench_embed(args) -> dict:
         rows = None
         ext, emb = [], []
         for r in range(args.rounds):
-            out = os.path.join(root, f"extract_{r}")
-            t0 = time.time()
-            res = run_extract(extract, run_media(cfg), items, os.path.join(run, "models", "pretrained"), out)
-            ext.append(res["rows"] / (time.time() - t0))
-            out = os.path.join(root, f"embed_{r}")
-            t0 = time.time()
-            res = run_embed(run, src, out, which="pretrained", layer="res5")
-            emb.append(res["rows"] / (time.time() - t0))
-            rows = res["rows"]
+
+            def one_extract(r=r):
+                t0 = time.time()
+                res = run_extract(
+                    extract, run_media(cfg), items, os.path.join(run, "models", "pretrained"), f"{root}/extract_{r}"
+                )
+                ext.append(res["rows"] / (time.time() - t0))
+
+            def one_embed(r=r):
+                t0 = time.time()
+                res = run_embed(run, src, f"{root}/embed_{r}", which="pretrained", layer="res5")
+                emb.append(res["rows"] / (time.time() - t0))
+                return res["rows"]
+
+            if r % 2 == 0:  # which goes first alternates too: no order effect in the medians
+                one_extract()
+                rows = one_embed()
+            else:
+                rows = one_embed()
+                one_extract()
             print(
                 f"round {r + 1}: extract {ext[-1]:7.1f} img/s   embed {emb[-1]:7.1f} img/s   "
                 f"ratio {emb[-1] / ext[-1]:.3f}",
