@@ -1,7 +1,7 @@
 """Embedding and search throughput.
 
 1. ``cf-ray embed`` vs the extraction stage on the same images, same model, same actor pool settings:
-   embed = list the folder + the extraction stage (run_extract) + a Ray task per part for cluster ids;
+   embed = list the folder + the extraction stage (run_extract), its actors also assigning cluster ids;
    extract = run_extract alone on the already-listed items. Rounds alternate, and so does which of the two
    goes first in a round; medians and the ratio are printed.
 2. faiss search on clustered Gaussian vectors (``--n`` x ``--d``): queries/s of the exact index (IndexFlat) and
