@@ -1,7 +1,8 @@
 """cf_ray: ClusterFit on Ray.
 
 Importing the package needs only the standard library (jobs/*.py check the environment through it before
-anything else is imported); the version lives in pyproject.toml alone.
+anything else is imported); the version lives in pyproject.toml alone. ``load_model``, ``Model``,
+``run_job`` and ``ApiError`` (cf_ray.api) are imported on first use.
 """
 
 from __future__ import annotations
@@ -64,3 +65,20 @@ def _python() -> str:
     import platform
 
     return platform.python_version()
+
+
+_LAZY = {"load_model": "cf_ray.api", "Model": "cf_ray.api", "run_job": "cf_ray.api", "ApiError": "cf_ray.api"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'cf_ray' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

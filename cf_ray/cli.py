@@ -18,7 +18,11 @@ STAGES = ("all", "pretrain", "extract", "cluster", "retrain", "transfer", "repor
 def parser(prog: str = "cf-ray", with_stage: bool = True) -> argparse.ArgumentParser:
     from cf_ray.environment import add_version_argument
 
-    p = argparse.ArgumentParser(prog=prog, description="ClusterFit on Ray, for images and video.")
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="ClusterFit on Ray, for images and video. "
+        "A finished run's models: cf-ray export | embed | index | search (each with -h).",
+    )
     add_version_argument(p)
     if with_stage:
         p.add_argument(
@@ -82,6 +86,11 @@ def run_stage(stage: str, cfg: JobConfig) -> dict:
 
 
 def main(argv: list[str] | None = None, prog: str = "cf-ray", stage: str | None = None, video: bool = False) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if stage is None and argv and argv[0] in ("export", "embed", "index", "search"):  # using a finished run's models
+        from cf_ray.commands import main as command
+
+        return command(argv, prog)
     args = parser(prog, with_stage=stage is None).parse_intermixed_args(argv)  # overrides may follow options
     args.video = args.video or video
     log.setup()

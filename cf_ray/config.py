@@ -339,6 +339,36 @@ class ProbeConfig(_Strict):
         return self
 
 
+class IndexConfig(_Strict):
+    """Nearest-neighbour index over embeddings (`cf-ray index`), built with faiss as a Ray task."""
+
+    kind: Literal["auto", "flat", "ivf", "ivfpq"] = Field(
+        "auto",
+        description="flat: exact search; ivf: inverted lists (IVF-Flat); ivfpq: IVF with product-quantised vectors; "
+        "auto: flat up to flat_max rows, ivf up to pq_min, ivfpq above.",
+    )
+    flat_max: int = Field(100_000, gt=0, description="auto: exact (flat) search up to this many rows.")
+    pq_min: int = Field(2_000_000, gt=0, description="auto: IVF-PQ from this many rows on (memory: pq_m bytes a row).")
+    metric: Literal["cosine", "l2"] = Field(
+        "cosine", description="cosine: L2-normalise, then inner product (higher = closer); l2: squared L2 distance."
+    )
+    nlist: int | None = Field(
+        None, gt=0, description="IVF lists; default 4*sqrt(rows), at most rows/39 (faiss's minimum training rows)."
+    )
+    nprobe: int = Field(32, gt=0, description="IVF lists visited per query (recall against speed).")
+    pq_m: int = Field(16, gt=0, description="IVF-PQ sub-quantisers (bytes per vector); must divide the dimension.")
+    pq_nbits: int = Field(8, gt=0, le=16, description="Bits per sub-quantiser code.")
+    train_size: int = Field(
+        256_000, gt=0, description="IVF: rows (a seeded sample) its coarse k-means and PQ codebooks train on."
+    )
+    num_cpus: float = Field(1.0, gt=0, description="CPUs of the Ray task that builds the index (and faiss's threads).")
+    use_gpu: Literal["auto", "yes", "no"] = Field(
+        "auto",
+        description="Build on a GPU where the cluster has one and faiss has GPU support (stored as a CPU index).",
+    )
+    seed: int = 0
+
+
 class RayConfig(_Strict):
     """A local Ray started by the job (ignored when RAY_ADDRESS points at a cluster)."""
 
@@ -399,6 +429,7 @@ class JobConfig(_Strict):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     retrain: TrainConfig = Field(default_factory=TrainConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig, description="`cf-ray index`: the search index.")
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="before")

@@ -57,6 +57,7 @@ class Extractor:
         precision: str = "auto",
         channels_last: str = "auto",
         clip_features: bool = False,
+        post=None,
     ):
         from cf_ray import log
         from cf_ray.models import backbone_modality
@@ -72,6 +73,7 @@ class Extractor:
         if self.format is not None:
             self.model.to(memory_format=self.format)
         self.layers, self.mean, self.std, self.clip_features = layers, mean, std, clip_features
+        self.post = post  # optional table -> table step on the actor (cf-ray embed adds cluster ids)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ok = np.array([e == "" for e in batch["error"]], dtype=bool)
@@ -92,15 +94,18 @@ class Extractor:
         columns = {l: feats[l].mean(1) for l in self.layers}  # a video's feature: the mean over its clips
         if video and self.clip_features:
             columns.update({f"clip:{l}": feats[l] for l in self.layers})
-        return features.feature_table(
+        table = features.feature_table(
             batch["id"].tolist(), batch["path"].tolist(), batch["label"].tolist(), batch["error"].tolist(), columns, ok
         )
+        return table if self.post is None else self.post(table)
 
 
 def run_extract(
-    cfg: ExtractConfig, media: ImageConfig | VideoConfig, items_uri: str, model_uri: str, out_uri: str
+    cfg: ExtractConfig, media: ImageConfig | VideoConfig, items_uri: str, model_uri: str, out_uri: str, post=None
 ) -> dict:
-    """Features of every item (image or video) in ``items_uri`` with the backbone at ``model_uri`` into ``out_uri``."""
+    """Features of every item (image or video) in ``items_uri`` with the backbone at ``model_uri`` into ``out_uri``.
+
+    ``post``: an optional picklable table -> table callable each actor applies to its output batches."""
     if storage.is_complete(out_uri):
         logger.info(f"extract: {out_uri} is complete, nothing to do")
         return storage.read_marker(out_uri)
@@ -116,7 +121,7 @@ def run_extract(
     )
     t0 = time.time()
     if todo.num_rows:
-        _extract(cfg, media, todo, model_uri, out_uri, gpu)
+        _extract(cfg, media, todo, model_uri, out_uri, gpu, post)
     secs = time.time() - t0
     if features.committed_ids(out_uri, wanted) != wanted:
         raise RuntimeError(
@@ -137,7 +142,13 @@ def run_extract(
 
 
 def _extract(
-    cfg: ExtractConfig, media: ImageConfig | VideoConfig, items: pa.Table, model_uri: str, out_uri: str, gpu: bool
+    cfg: ExtractConfig,
+    media: ImageConfig | VideoConfig,
+    items: pa.Table,
+    model_uri: str,
+    out_uri: str,
+    gpu: bool,
+    post=None,
 ):
     decode, decode_kwargs, _ = decoder(media)
     ds = items_dataset(items, cfg.block_rows).map_batches(
@@ -155,6 +166,7 @@ def _extract(
             "precision": cfg.precision,
             "channels_last": cfg.channels_last,
             "clip_features": cfg.clip_features,
+            "post": post,
         },
         batch_size=cfg.batch_size,
         batch_format="numpy",
