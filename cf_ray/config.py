@@ -662,3 +662,114 @@ def load_config(cls: type[BaseModel], path: str | Path | None = None, overrides:
 
 def dump_config(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- online service (cf_ray.serve)
+
+
+class ReplicaConfig(_Strict):
+    """One Ray Serve deployment: what each replica reserves and how many replicas run."""
+
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica (also the model's torch threads).")
+    use_gpu: Literal["auto", "yes", "no"] = Field(
+        "no",
+        description="A GPU per replica: yes; auto: only when the cluster has GPUs when the app is built; "
+        "no. Only the model deployment runs on a GPU.",
+    )
+    min_replicas: int = Field(1, ge=0, description="Autoscaling floor (0: scale to zero, cold starts).")
+    max_replicas: int = Field(1, gt=0, description="Autoscaling ceiling; the cluster autoscaler must supply nodes.")
+    target_ongoing_requests: float = Field(
+        2.0, gt=0, description="Autoscaling target: queued + running requests per replica."
+    )
+    max_ongoing_requests: int = Field(
+        32, gt=0, description="Requests one replica takes at once (the model's must exceed max_batch_size)."
+    )
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> "ReplicaConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} is above max_replicas={self.max_replicas}")
+        return self
+
+
+class ServeConfig(_Strict):
+    """The online service: `serve run cf_ray.serve:app run_dir=runs/x [key=value ...]`."""
+
+    run_dir: str = Field(..., min_length=1, description="Run directory (path or URI) whose model is served.")
+    more_run_dirs: list[str] = Field(
+        [],
+        description="Runs of the other modality served by the same ingress (one image run and one video run at most); "
+        "each request goes to the model of its input's kind.",
+    )
+    which: Literal["clusterfit", "pretrained"] = Field("clusterfit", description="Which network of the run to serve.")
+    centroids: Literal["auto", "run", "own", "none"] = Field(
+        "auto",
+        description="Centroids for /v1/assign (cf_ray.load_model): run: the run's k-means (pre-trained features); "
+        "own: a k-means of the served network's own features (cf-ray embed builds it); auto: whichever fits.",
+    )
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="Forward passes under bf16 autocast (auto: on GPU) or fp32; embeddings are float32."
+    )
+    layer: str | None = Field(None, description="Default tap for /v1/embed; none: the run's cluster.layer.")
+    index: str | None = Field(
+        None,
+        description="A faiss index folder (cf-ray index) for /v1/search; none: an exact index over the run's "
+        "extracted features of the served network, built when the model replica starts.",
+    )
+    max_body_mb: float = Field(20.0, gt=0, description="Largest request body; a bigger one gets 413.")
+    max_video_s: float = Field(60.0, gt=0, description="Longest video accepted; a longer one gets 422.")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="A request not answered by then gets 504 and is cancelled (a client may ask for less)."
+    )
+    allow_uris: bool = Field(
+        False, description='Accept {"uri": ...} JSON bodies read by the replica; default: bytes only.'
+    )
+    uri_prefixes: list[str] = Field(
+        [], description="allow_uris: the only URI prefixes read (e.g. s3://bucket/public/); empty: none."
+    )
+    max_k: int = Field(100, gt=0, description="Most neighbours /v1/search returns.")
+    max_batch_size: int = Field(16, gt=0, description="Model deployment: @serve.batch max batch size.")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, description="Model deployment: how long a batch waits for more items after its first."
+    )
+    model: ReplicaConfig = Field(
+        default_factory=lambda: ReplicaConfig(use_gpu="auto", max_ongoing_requests=64),
+        description="The model deployment (@serve.batch; a GPU per replica with use_gpu).",
+    )
+    decoder: ReplicaConfig = Field(
+        default_factory=lambda: ReplicaConfig(max_ongoing_requests=8),
+        description="The decoding deployment (CPU only; one decode per request at a time per thread).",
+    )
+    ingress: ReplicaConfig = Field(
+        default_factory=lambda: ReplicaConfig(num_cpus=0.25, max_ongoing_requests=256, target_ongoing_requests=64),
+        description="The HTTP ingress (FastAPI; waits on the others, little CPU of its own).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dotted_keys(cls, data):
+        """`serve run` passes flat strings: `model.max_replicas=4` becomes nested and YAML-typed, as in jobs."""
+        if isinstance(data, dict) and any("." in str(k) for k in data):
+            tree: dict = {}
+            for k, v in data.items():
+                keys = str(k).split(".")
+                _set(tree, keys, yaml.safe_load(v) if isinstance(v, str) and len(keys) > 1 else v)
+            data = tree
+        return data
+
+    @field_validator("more_run_dirs", "uri_prefixes", mode="before")
+    @classmethod
+    def _yaml_list(cls, value):
+        """`serve run ... more_run_dirs=[runs/v]` arrives as a string."""
+        return yaml.safe_load(value) if isinstance(value, str) and value.startswith("[") else value
+
+    @model_validator(mode="after")
+    def _batches_can_fill(self) -> "ServeConfig":
+        if self.model.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(
+                f"model.max_ongoing_requests={self.model.max_ongoing_requests} is below max_batch_size="
+                f"{self.max_batch_size}: batches could never fill; raise model.max_ongoing_requests"
+            )
+        if self.decoder.use_gpu != "no" or self.ingress.use_gpu != "no":
+            raise ValueError("only the model deployment runs on a GPU: set decoder.use_gpu=no and ingress.use_gpu=no")
+        return self

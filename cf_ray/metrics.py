@@ -16,6 +16,9 @@ KMEANS_OBJECTIVE = "cf_ray_kmeans_objective"
 KMEANS_ITERATIONS = "cf_ray_kmeans_iterations"
 TRAIN_LOSS = "cf_ray_train_loss"
 TRAIN_ITEMS_PER_S = "cf_ray_train_items_per_second"
+SERVE_REQUESTS = "cf_ray_serve_requests"
+SERVE_LATENCY = "cf_ray_serve_request_latency_s"
+SERVE_BATCH_SIZE = "cf_ray_serve_batch_size"
 
 # (exported name, what it counts) for the report and docs
 EXPORTED = {
@@ -28,6 +31,15 @@ EXPORTED = {
     f"ray_{TRAIN_ITEMS_PER_S}": "training throughput of the latest epoch, by run",
 }
 
+# The online service's series (cf_ray.serve), next to Serve's own ray_serve_* series.
+SERVE_EXPORTED = {
+    f"ray_{SERVE_REQUESTS}_total": "HTTP requests answered by the ingress, by route and status code",
+    f"ray_{SERVE_LATENCY}": "seconds from a request's arrival at the ingress to its answer, by route (histogram)",
+    f"ray_{SERVE_BATCH_SIZE}": "inputs per forward pass of a model replica, by modality (histogram)",
+}
+LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
+BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
+
 
 @functools.cache
 def _metric(kind: str, name: str, tag: str):
@@ -35,6 +47,22 @@ def _metric(kind: str, name: str, tag: str):
 
     cls = {"counter": metrics.Counter, "gauge": metrics.Gauge}[kind]
     return cls(name, description=EXPORTED.get(f"ray_{name}_total", EXPORTED.get(f"ray_{name}", "")), tag_keys=(tag,))
+
+
+@functools.cache
+def _histogram(name: str, boundaries: tuple[float, ...], tags: tuple[str, ...]):
+    from ray.util import metrics
+
+    return metrics.Histogram(
+        name, description=SERVE_EXPORTED.get(f"ray_{name}", ""), boundaries=list(boundaries), tag_keys=tags
+    )
+
+
+@functools.cache
+def _counter(name: str, tags: tuple[str, ...]):
+    from ray.util import metrics
+
+    return metrics.Counter(name, description=SERVE_EXPORTED.get(f"ray_{name}_total", ""), tag_keys=tags)
 
 
 def _on() -> bool:
@@ -60,6 +88,17 @@ def train_epoch(run: str, loss: float, items_per_s: float, items: int) -> None:
         _metric("gauge", TRAIN_LOSS, "run").set(float(loss), tags={"run": run})
         _metric("gauge", TRAIN_ITEMS_PER_S, "run").set(float(items_per_s), tags={"run": run})
         _metric("counter", ITEMS_PROCESSED, "stage").inc(items, tags={"stage": run})
+
+
+def serve_request(route: str, status: int, seconds: float) -> None:
+    if _on():
+        _counter(SERVE_REQUESTS, ("route", "status")).inc(1, tags={"route": route, "status": str(status)})
+        _histogram(SERVE_LATENCY, tuple(LATENCY_BOUNDARIES_S), ("route",)).observe(seconds, tags={"route": route})
+
+
+def serve_batch(modality: str, size: int) -> None:
+    if _on():
+        _histogram(SERVE_BATCH_SIZE, tuple(BATCH_BOUNDARIES), ("modality",)).observe(size, tags={"modality": modality})
 
 
 def report_section() -> list[str]:
