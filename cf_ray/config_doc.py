@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from cf_ray.config import JobConfig
+from cf_ray.config import JobConfig, ServeConfig
 
 
 def _type_name(ann) -> str:
@@ -22,17 +22,21 @@ def _type_name(ann) -> str:
     return name.replace(" | ", " or ").replace("|", " or ")
 
 
-def _rows(model: type[BaseModel], prefix: str = "") -> list[str]:
+def _rows(model: type[BaseModel], prefix: str = "", defaults: BaseModel | None = None) -> list[str]:
+    """One row per leaf key; ``defaults``: the section's default instance when its parent's factory sets values."""
     rows = []
     for name, field in model.model_fields.items():
         ann = field.annotation
         key = f"{prefix}{name}"
+        default = getattr(defaults, name) if defaults is not None else None
+        if defaults is None:
+            default = field.default_factory() if field.default_factory else field.default
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            rows += _rows(ann, key + ".")
+            rows += _rows(ann, key + ".", default if isinstance(default, BaseModel) else None)
             continue
-        default = field.default_factory() if field.default_factory else field.default
         typ = _type_name(ann)
-        rows.append(f"| `{key}` | {typ} | `{default!r}` | {field.description or ''} |")
+        shown = "required" if defaults is None and field.is_required() else f"`{default!r}`"
+        rows.append(f"| `{key}` | {typ} | {shown} | {field.description or ''} |")
     return rows
 
 
@@ -47,6 +51,16 @@ def render() -> str:
         "| key | type | default | meaning |",
         "|---|---|---|---|",
         *_rows(JobConfig),
+        "",
+        "## The online service",
+        "",
+        "`serve run cf_ray.serve:app run_dir=runs/x [key=value ...]` (dotted keys for the sections, e.g.",
+        "`model.max_replicas=4`), or `args:` of an application in a Serve config file (deploy/serve_config.yaml).",
+        "See [serve.md](serve.md).",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+        *_rows(ServeConfig),
         "",
     ]
     return "\n".join(lines)
