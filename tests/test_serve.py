@@ -264,3 +264,32 @@ def test_killed_model_replica_is_replaced_and_later_requests_succeed(service):
     assert set(statuses) <= {200, 503}, statuses  # a request on the dead replica: 503 + Retry-After, never a 500
     assert statuses[ok_after:].count(200) >= 8
     assert all(_post(service, "assign", "image").status_code == 200 for _ in range(3))
+
+
+def test_serve_config_file_and_rayservice_validate():
+    import ray
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+    from test_cluster_yaml import KUBERAY, ROOT, _dependencies_for_gpu_nodes
+
+    local = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text()))
+    assert local.http_options.host == "127.0.0.1"  # Serve's config default would be 0.0.0.0
+    (app,) = local.applications
+    assert app.import_path == "cf_ray.serve:app"
+    ServeConfig.model_validate(app.args)
+
+    rs = yaml.safe_load((KUBERAY / "rayservice.yaml").read_text())
+    assert (rs["apiVersion"], rs["kind"]) == ("ray.io/v1", "RayService")
+    serve_cfg = ServeDeploySchema.model_validate(yaml.safe_load(rs["spec"]["serveConfigV2"]))
+    (app,) = serve_cfg.applications
+    cfg = ServeConfig.model_validate(app.args)
+    assert cfg.model.use_gpu == "yes" and cfg.run_dir.startswith("s3://")
+    assert app.runtime_env["pip"] == _dependencies_for_gpu_nodes()
+    cluster = rs["spec"]["rayClusterConfig"]
+    assert cluster["rayVersion"] == ray.__version__ and cluster["authOptions"] == {"mode": "token"}
+    images = {
+        c["image"]
+        for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+        for c in g["template"]["spec"]["containers"]
+    }
+    assert images == {f"rayproject/ray:{ray.__version__}-py311", f"rayproject/ray:{ray.__version__}-py311-gpu"}
