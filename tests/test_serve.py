@@ -1,6 +1,6 @@
 """The online service (cf_ray.serve) on the session's real local Ray + Serve, over loopback HTTP.
 
-One application serves a tiny image run and a tiny video run (made by the job's own extract and cluster stages)
+One application serves a tiny image run and a tiny video run (tests/run_helpers.py: the job's own stages)
 on a free port; every route with both kinds, batching under concurrent requests, each bad input's status, and
 a model replica killed under load.
 """
@@ -39,14 +39,17 @@ def _replicas(deployment: str) -> set[str]:
 @pytest.fixture(scope="module")
 def service(ray_session, tmp_path_factory):
     from ray import serve
+    from run_helpers import make_run
 
     from cf_ray.demo_video import render_clip, write_video
+    from cf_ray.index import build_index
     from cf_ray.serve import build
-    from cf_ray.serve.demo_run import make_demo_run
 
     root = tmp_path_factory.mktemp("serve")
-    image_run = make_demo_run(root / "img", "image", per_class=2, own=False)
-    video_run = make_demo_run(root / "vid", "video", per_class=1, own=False)
+    image_run, image_data = make_run(root, "image")
+    video_run, video_data = make_run(root, "video")
+    for run in (image_run, video_run):  # what `cf-ray index --run-dir R --model pretrained` builds
+        build_index(str(run / "features" / "pretrained" / "source"), "res5")
     long_video = write_video(
         root / "long.mp4", render_clip("up", 16, int(LONG_VIDEO_S * 8), np.random.default_rng(0))[0], 8
     )
@@ -54,7 +57,7 @@ def service(ray_session, tmp_path_factory):
         {
             "run_dir": str(image_run),
             "more_run_dirs": f"[{video_run}]",
-            "which": "pretrained",  # the demo runs skip the ClusterFit network's own k-means (cost); same code path
+            "which": "pretrained",  # clusterfit needs its own k-means and features first: same path, slower
             "max_body_mb": "1",
             "max_video_s": "2",
             "max_batch_size": "8",
@@ -68,8 +71,8 @@ def service(ray_session, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(cfg), name=APP, route_prefix="/")
     inputs = {
-        "image": (sorted((root / "img" / "data").glob("*/*.jpg"))[0], "image/jpeg"),
-        "video": (sorted((root / "vid" / "data").glob("*/*.mp4"))[0], "video/mp4"),
+        "image": (sorted(image_data.glob("*/*.jpg"))[0], "image/jpeg"),
+        "video": (sorted(video_data.glob("*/*.mp4"))[0], "video/mp4"),
     }
     yield {
         "url": f"http://127.0.0.1:{port}",
@@ -115,7 +118,12 @@ def test_every_route_answers_like_the_model_in_process(service, kind):
     r = _post(service, "search", kind, params={"k": 2})
     assert r.status_code == 200, r.text
     hits = r.json()["neighbours"]
-    assert len(hits) == 2 and hits[0]["path"] == str(path) and hits[0]["distance"] == pytest.approx(0, abs=1e-4)
+    assert (
+        r.json()["metric"] == "cosine"
+        and len(hits) == 2
+        and hits[0]["path"] == str(path)
+        and hits[0]["distance"] == pytest.approx(0, abs=1e-4)
+    )
     assert hits[0]["distance"] <= hits[1]["distance"]
 
 

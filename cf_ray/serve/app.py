@@ -104,34 +104,9 @@ class Decoder:
 # --------------------------------------------------------------------------- the model (GPU where there is one)
 
 
-def exact_index(layer: str, features_uri: str):
-    """An exact (faiss IndexFlatL2 over L2-normalised rows) index of the extracted features at ``features_uri``;
-    returns (index, ids, paths)."""
-    import faiss
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from cf_ray.stages.extract import part_files, require_complete
-
-    require_complete(features_uri)
-    fs, _ = storage.resolve(features_uri)
-    cols = ["id", "path", "error", f"feat_{layer}"]
-    t = pa.concat_tables(
-        [pq.read_table(storage.resolve(f)[1], filesystem=fs, columns=cols) for f in part_files(features_uri)]
-    )
-    t = t.filter(pc.equal(t["error"], ""))
-    col = t[f"feat_{layer}"].combine_chunks()
-    x = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size).astype(np.float32)
-    faiss.normalize_L2(x)
-    index = faiss.IndexFlatL2(x.shape[1])
-    index.add(x)
-    return index, t["id"].to_pylist(), t["path"].to_pylist()
-
-
 def default_features(run_dir: str, which: str, layer: str) -> str:
-    """The served network's own features of the run's source data: the extraction's (pre-trained) or those
-    ``cf_ray.api.build_own_centroids`` extracted (other networks)."""
+    """The served network's own features of the run's source data, where ``cf-ray index --run-dir R --model M``
+    puts its index: the extraction's (pre-trained) or those ``cf_ray.api.build_own_centroids`` extracted."""
     from cf_ray.api import own_centroids_dir
 
     if which == "pretrained":
@@ -161,16 +136,26 @@ class ModelServer:
         info = self.model.centroid_info
         self.layer = self.model.check_layer(self.cfg.layer or (info or {}).get("layer") or _run_cluster_layer(run_dir))
         self.assign_layer = info["layer"] if info else None
-        self.index, self.index_note, self.ids, self.paths = None, "", [], []
-        try:
-            uri = self.cfg.index or default_features(run_dir, self.cfg.which, self.layer)
-            self.index, self.ids, self.paths = exact_index(self.layer, uri)
-        except (OSError, ValueError, RuntimeError) as e:  # no features yet: search answers 409 with the reason
-            self.index_note = f"no search index: {e}"
+        self.searcher, self.index_note = self._searcher(run_dir)
         self.infer.set_max_batch_size(self.cfg.max_batch_size)
         self.infer.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self.batches: Counter = Counter()  # batch size -> count, since this replica started
         log.info("model replica %s: %s %s from %s", ctx.replica_tag, self.model.modality, self.cfg.which, run_dir)
+
+    def _searcher(self, run_dir: str):
+        """The stored index (cf-ray index) of this network's embeddings at the default layer, or (None, why not)."""
+        from cf_ray.index import Searcher
+
+        uri = self.cfg.index or default_features(run_dir, self.cfg.which, self.layer)
+        build = f"cf-ray index --run-dir {run_dir} --model {self.cfg.which} --layer {self.layer}"
+        try:
+            s = Searcher(uri)
+        except (OSError, ValueError) as e:  # no index yet: search answers 409 with the reason
+            return None, f"{e} (e.g. `{build}`)"
+        made_by = (s.info.get("model"), s.info.get("layer"), s.info.get("d"))
+        if made_by != (self.cfg.which, self.layer, self.model.taps[self.layer]):
+            return None, f"index {s.uri} holds {made_by[0]} {made_by[1]} embeddings, not {self.cfg.which} {self.layer}"
+        return s, ""
 
     def ping(self) -> bool:
         return True
@@ -183,10 +168,15 @@ class ModelServer:
             "assign": {"layer": self.assign_layer, "note": "" if self.assign_layer else self.model.centroid_note},
             "search": {
                 "layer": self.layer,
-                "items": len(self.ids) if self.index is not None else 0,
+                "items": len(self.searcher.ids) if self.searcher else 0,
+                "index": self._index_info(),
                 "note": self.index_note,
             },
         }
+
+    def _index_info(self) -> dict | None:
+        s = self.searcher
+        return None if s is None else {"uri": s.uri, "kind": s.info.get("kind"), "metric": s.info.get("metric")}
 
     def stats(self) -> dict:
         """Batch sizes seen by this replica: {size: count}."""
@@ -214,18 +204,17 @@ class ModelServer:
                 out[i].update(cluster=int(cluster[j]), distance=float(dist[j]))
         rows = [i for i, it in enumerate(items) if it["op"] == "search"]
         if rows:
-            import faiss
-
-            q = np.ascontiguousarray(feats[self.layer][rows], dtype=np.float32)
-            faiss.normalize_L2(q)
-            k = min(max(items[i]["k"] for i in rows), len(self.ids))
-            dist, idx = self.index.search(q, k)
+            s = self.searcher
+            scores, idx = s.search(feats[self.layer][rows], max(items[i]["k"] for i in rows))
+            cosine = s.info["metric"] == "cosine"  # similarity -> a distance (1 - cos): always smaller = closer
             for j, i in enumerate(rows):
+                k = items[i]["k"]
                 out[i]["neighbours"] = [
-                    {"id": self.ids[t], "path": self.paths[t], "distance": float(d)}
-                    for d, t in zip(dist[j][: items[i]["k"]], idx[j][: items[i]["k"]])
+                    {"id": s.ids[t], "path": s.paths[t], "distance": float(1 - d if cosine else d)}
+                    for d, t in zip(scores[j][:k], idx[j][:k])
                     if t >= 0
                 ]
+                out[i]["metric"] = s.info["metric"]
         return out
 
 
@@ -413,5 +402,5 @@ class Ingress:
         elif op == "assign":
             body.update(layer=card["assign"]["layer"], cluster=out["cluster"], distance=out["distance"])
         else:
-            body.update(layer=layer, k=k, neighbours=out["neighbours"])
+            body.update(layer=layer, k=k, metric=out["metric"], neighbours=out["neighbours"])
         return JSONResponse(body, headers=headers)
