@@ -737,11 +737,12 @@ class ServeConfig(_Strict):
         description="The model deployment (@serve.batch; a GPU per replica with use_gpu).",
     )
     decoder: ReplicaConfig = Field(
-        default_factory=lambda: ReplicaConfig(max_ongoing_requests=8),
-        description="The decoding deployment (CPU only; one decode per request at a time per thread).",
+        default_factory=lambda: ReplicaConfig(num_cpus=0.5, max_ongoing_requests=8),
+        description="The decoding deployment (CPU only; decodes run in threads, so a replica may use more than its "
+        "reservation).",
     )
     ingress: ReplicaConfig = Field(
-        default_factory=lambda: ReplicaConfig(num_cpus=0.25, max_ongoing_requests=256, target_ongoing_requests=64),
+        default_factory=lambda: ReplicaConfig(num_cpus=0, max_ongoing_requests=256, target_ongoing_requests=64),
         description="The HTTP ingress (FastAPI; waits on the others, little CPU of its own).",
     )
 

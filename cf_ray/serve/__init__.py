@@ -57,9 +57,30 @@ def build(cfg: ServeConfig) -> Application:
     decoder = Decoder.options(name="Decoder", **deployment_options(cfg.decoder)).bind(
         media, int(cfg.max_body_mb * 2**20), cfg.max_video_s
     )
+    _check_cpus(cfg, len(models))
     return Ingress.options(name="Ingress", **deployment_options(cfg.ingress)).bind(
         decoder, models, cfg.model_dump(mode="json")
     )
+
+
+def _check_cpus(cfg: ServeConfig, n_models: int) -> None:
+    """Warn when the minimum replicas reserve more CPUs than the Ray cluster has now (they would wait forever on a
+    fixed-size local Ray; an autoscaling cluster adds nodes)."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    need = sum(r.num_cpus * r.min_replicas for r in (cfg.decoder, cfg.ingress)) + n_models * cfg.model.num_cpus * (
+        cfg.model.min_replicas
+    )
+    have = ray.cluster_resources().get("CPU", 0)
+    if need > have:
+        log.warning(
+            "the minimum replicas reserve %.2f CPUs but the cluster has %.2f now: unless it autoscales they stay "
+            "pending; lower model.num_cpus / decoder.num_cpus (e.g. model.num_cpus=0.5)",
+            need,
+            have,
+        )
 
 
 def app(args: ServeConfig) -> Application:
