@@ -227,6 +227,12 @@ def test_uri_inputs_only_under_allowed_prefixes():
 
 
 def test_serve_config_from_flat_strings_and_its_checks():
+    import inspect
+
+    from cf_ray.serve import app
+
+    # `serve run cf_ray.serve:app k=v` validates the strings only when the annotation is the class itself
+    assert inspect.signature(app).parameters["args"].annotation is ServeConfig
     cfg = ServeConfig.model_validate(
         {"run_dir": "r", "model.max_replicas": "4", "model.use_gpu": "no", "more_run_dirs": "[a, b]"}
     )

@@ -9,8 +9,8 @@ strings from ``serve run``, dotted for the sections, or typed ``args:`` from a c
 how to expose it safely: docs/serve.md.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Serve validates the builder's arguments only when its annotation is
+# the ServeConfig class itself, not the string "ServeConfig".
 import logging
 
 from ray.serve import Application
@@ -85,7 +85,7 @@ def _check_cpus(cfg: ServeConfig, n_models: int) -> None:
 
 def app(args: ServeConfig) -> Application:
     """`serve run cf_ray.serve:app run_dir=...`: Serve validates the arguments into a ServeConfig first."""
-    return build(args)
+    return build(args if isinstance(args, ServeConfig) else ServeConfig.model_validate(args))
 
 
 __all__ = ["app", "build", "deployment_options"]
