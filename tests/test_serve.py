@@ -307,3 +307,18 @@ def test_serve_config_file_and_rayservice_validate():
         for c in g["template"]["spec"]["containers"]
     }
     assert images == {f"rayproject/ray:{ray.__version__}-py311", f"rayproject/ray:{ray.__version__}-py311-gpu"}
+
+
+def test_decoder_reads_allowed_uris_with_the_size_limit(tmp_path):
+    from helpers import write_image
+
+    from cf_ray.config import ImageConfig
+    from cf_ray.serve.app import Decoder
+
+    dec = Decoder.func_or_class({"image": ImageConfig(size=16).model_dump()}, max_bytes=4000, max_video_s=5)
+    small = write_image(tmp_path / "small.png", size=(20, 20), fmt="PNG")
+    big = write_image(tmp_path / "big.png", size=(200, 200), fmt="PNG")
+    assert dec._decode("image", None, str(small), 10)["pixels"].shape == (16, 16, 3)
+    assert dec._decode("image", None, str(big), 10)["status"] == 413
+    assert dec._decode("image", None, str(tmp_path / "missing.jpg"), 10)["status"] == 404
+    assert dec._decode("image", b"not an image", None, 10)["status"] == 422
