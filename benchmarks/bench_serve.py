@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import io
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -152,6 +153,7 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
     base, rate = float(np.median(bases)), float(np.median(rates))
     p50, p99 = np.percentile(np.array(lat) * 1000, [50, 99])
     print(f"in-process embed (batch {a.max_batch}, {a.cpus} torch threads): {base:.1f} images/s (median)")
