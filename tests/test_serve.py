@@ -60,6 +60,7 @@ def service(ray_session, tmp_path_factory):
             "which": "pretrained",  # clusterfit needs its own k-means and features first: same path, slower
             "max_body_mb": "1",
             "max_video_s": "2",
+            "request_timeout_s": "120",  # a replacement replica may take long to start on a loaded machine
             "max_batch_size": "8",
             "batch_wait_timeout_s": "0.2",
             "model.num_cpus": "0.5",
@@ -255,17 +256,18 @@ def test_killed_model_replica_is_replaced_and_later_requests_succeed(service):
     def client():
         while not stop.is_set():
             try:
-                statuses.append(_post(service, "embed", "image", timeout=120).status_code)
+                statuses.append(_post(service, "embed", "image", timeout=180).status_code)
             except requests.RequestException:
                 statuses.append(-1)
 
     threads = [threading.Thread(target=client) for _ in range(4)]
     for t in threads:
         t.start()
-    while len(statuses) < 8:
+    warm = time.time() + 120
+    while len(statuses) < 8 and time.time() < warm:
         time.sleep(0.05)
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-    deadline = time.time() + 120  # the controller notices and starts a replacement
+    deadline = time.time() + 240  # the controller notices and starts a replacement
     while time.time() < deadline and not (_replicas("ImageModel") - {victim}):
         time.sleep(0.5)
     ok_after = len(statuses)
