@@ -191,7 +191,8 @@ class ModelServer:
         n = len(items)
         self.batches[n] += 1
         metrics.serve_batch(self.model.modality, n)
-        layers = sorted({it["layer"] for it in items} | ({self.assign_layer} if self.assign_layer else set()))
+        assigning = any(it["op"] == "assign" for it in items)
+        layers = sorted({it["layer"] for it in items} | ({self.assign_layer} if assigning else set()))
         feats = self.model.forward(np.stack([it["pixels"] for it in items]), layers)
         out: list[dict] = [{"batch_size": n} for _ in items]
         for i, it in enumerate(items):
