@@ -286,7 +286,7 @@ def test_serve_config_file_and_rayservice_validate():
     import ray
     import yaml
     from ray.serve.schema import ServeDeploySchema
-    from test_cluster_yaml import KUBERAY, ROOT, _dependencies_for_gpu_nodes
+    from test_cluster_yaml import IMAGE, KUBERAY, ROOT
 
     local = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text()))
     assert local.http_options.host == "127.0.0.1"  # Serve's config default would be 0.0.0.0
@@ -300,7 +300,7 @@ def test_serve_config_file_and_rayservice_validate():
     (app,) = serve_cfg.applications
     cfg = ServeConfig.model_validate(app.args)
     assert cfg.model.use_gpu == "yes" and cfg.run_dir.startswith("s3://")
-    assert app.runtime_env["pip"] == _dependencies_for_gpu_nodes()
+    assert "pip" not in app.runtime_env and app.runtime_env["working_dir"].startswith("s3://")  # the image has them
     cluster = rs["spec"]["rayClusterConfig"]
     assert cluster["rayVersion"] == ray.__version__ and cluster["authOptions"] == {"mode": "token"}
     images = {
@@ -308,7 +308,7 @@ def test_serve_config_file_and_rayservice_validate():
         for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
         for c in g["template"]["spec"]["containers"]
     }
-    assert images == {f"rayproject/ray:{ray.__version__}-py311", f"rayproject/ray:{ray.__version__}-py311-gpu"}
+    assert images == {IMAGE}  # cf_ray's one image (deploy/Dockerfile), as in raycluster.yaml
 
 
 def test_decoder_reads_allowed_uris_with_the_size_limit(tmp_path):
