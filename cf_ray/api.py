@@ -161,7 +161,7 @@ def nearest_torch(x: np.ndarray, centroids: np.ndarray, spherical: bool = False,
     formula), or the largest inner product when spherical; ``rows`` at a time."""
     import torch
 
-    c = torch.from_numpy(np.ascontiguousarray(centroids, np.float32))
+    c = torch.tensor(np.asarray(centroids), dtype=torch.float32)  # a copy: Ray hands actors read-only arrays
     cc = (c * c).sum(1)
     labels, scores = np.zeros(len(x), np.int64), np.zeros(len(x), np.float32)
     with torch.inference_mode():
