@@ -53,25 +53,14 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 
 def _index_config(run_dir: str | None, overrides: list[str]):
-    from pydantic import ValidationError
+    from cf_ray.config import IndexConfig, load_section
 
-    from cf_ray.config import ConfigError, IndexConfig, parse_override
-
-    tree = {}
+    base = None
     if run_dir:
         from cf_ray.api import read_run_config
 
-        tree = dict(read_run_config(run_dir).get("index") or {})
-    for item in overrides:
-        keys, value = parse_override(item)
-        if keys[0] != "index" or len(keys) != 2:
-            raise ConfigError(f"index takes index.<key>=<value> overrides only, not {item!r}")
-        tree[keys[1]] = value
-    try:
-        return IndexConfig.model_validate(tree)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise ConfigError(f"index.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        base = read_run_config(run_dir).get("index")
+    return load_section(IndexConfig, "index", base, overrides)
 
 
 def _export(a) -> None:

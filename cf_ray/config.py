@@ -7,7 +7,7 @@ before any work starts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -658,6 +658,24 @@ def load_config(cls: type[BaseModel], path: str | Path | None = None, overrides:
                     break
             problems.append(f"{where}{key}: {msg}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+
+
+def load_section(
+    cls: type[BaseModel], section: str, base: dict | None, overrides: Iterable[str] = (), fixed: dict | None = None
+) -> BaseModel:
+    """One section's config (e.g. ``extract`` or ``index``) from ``base`` (a run's saved values) and
+    ``<section>.<key>=<value>`` overrides; ``fixed`` keys win. Raises ConfigError naming the bad key."""
+    tree = dict(base or {})
+    for item in overrides:
+        keys, value = parse_override(item)
+        if keys[0] != section or len(keys) != 2:
+            raise ConfigError(f"this command takes {section}.<key>=<value> overrides only, not {item!r}")
+        tree[keys[1]] = value
+    try:
+        return cls.model_validate({**tree, **(fixed or {})})
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ConfigError(f"{section}.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
 def dump_config(cfg: BaseModel) -> str:

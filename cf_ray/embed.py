@@ -23,7 +23,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import ValidationError
 
 from cf_ray import storage
 from cf_ray.api import (
@@ -127,7 +126,7 @@ def run_embed(
 ) -> dict:
     """Embed every image or video of ``data`` with the run's ``which`` model into Parquet at ``out``.
     ``overrides`` (``extract.num_actors=4``...) change the run's extraction settings for this job only."""
-    from cf_ray.config import ConfigError, parse_override
+    from cf_ray.config import load_section
     from cf_ray.media.items import write_items
     from cf_ray.runtime import init_ray
     from cf_ray.sources import IMAGE_EXTS, VIDEO_EXTS, list_items
@@ -143,17 +142,7 @@ def run_embed(
     taps = model_taps(model_uri)
     if layer not in taps:
         raise ApiError(f"layer {layer!r} is not a tap of this model; use one of {', '.join(taps)}")
-    extract_tree = dict(cfg.get("extract") or {})
-    for item in overrides:
-        keys, value = parse_override(item)
-        if keys[0] != "extract" or len(keys) != 2:
-            raise ConfigError(f"embed takes extract.<key>=<value> overrides only, not {item!r}")
-        extract_tree[keys[1]] = value
-    try:
-        extract = ExtractConfig.model_validate({**extract_tree, "layers": [layer]})
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise ConfigError(f"extract.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    extract = load_section(ExtractConfig, "extract", cfg.get("extract"), overrides, fixed={"layers": [layer]})
     media = run_media(cfg)
     video = cfg.get("modality") == "video"
     items, skipped = list_items(data, VIDEO_EXTS if video else IMAGE_EXTS)
