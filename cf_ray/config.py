@@ -235,8 +235,19 @@ class ExtractConfig(_Strict):
     )
     batch_size: int = Field(256, gt=0)
     block_rows: int = Field(2048, gt=0, description="Rows per Ray Data block (and per output file).")
-    num_actors: int = Field(1, gt=0, description="Actor pool size (one GPU each where the cluster has GPUs).")
+    num_actors: int = Field(
+        0,
+        ge=0,
+        description="Actor pool size; 0 (auto): one actor per GPU where the cluster has GPUs, else as many as "
+        "its CPUs take (one CPU left for decode tasks when decode=tasks).",
+    )
     cpus_per_actor: float = Field(1.0, gt=0)
+    decode: Literal["auto", "actors", "tasks"] = Field(
+        "auto",
+        description="Where inputs are decoded: actors = in each extraction actor (a thread decodes the next batch "
+        "while the network runs); tasks = Ray Data tasks on any node's CPUs feed decoded pixels to the actors; "
+        "auto: actors on CPU, tasks on GPU.",
+    )
     torch_threads: int = Field(0, ge=0, description="intra-op threads per actor; 0 = cpus_per_actor.")
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = Field(

@@ -17,14 +17,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cf_ray import storage
+from cf_ray import features, storage
 from cf_ray.config import ConfigError, JobConfig, TargetConfig, dump_config
 from cf_ray.media.items import read_items, write_items
 from cf_ray.rundir import RunDir
 from cf_ray.sources import IMAGE_EXTS, VIDEO_EXTS, SourceError, list_items, load_target, target_splits
 from cf_ray.stages import names
 from cf_ray.stages.cluster import read_assignments, run_cluster
-from cf_ray.stages.extract import run_extract
+from cf_ray.stages.extract import ExtractPool, run_extract
 from cf_ray.stages.names import MODELS, SPLITS
 from cf_ray.stages.probe import run_probe
 from cf_ray.stages.report import run_report
@@ -64,6 +64,7 @@ class Job:
     run: RunDir
     paths: Paths
     inputs: dict = field(default_factory=dict)
+    pool: ExtractPool | None = None  # shared by consecutive extraction stages (run_stages opens and closes it)
 
 
 @dataclass(frozen=True)
@@ -187,9 +188,16 @@ def forget(job: Job, table: list[Stage], stage_names: list[str]) -> None:
 def run_stages(job: Job, table: list[Stage], only: set[str] | None = None) -> dict[str, dict]:
     """Run the stages of ``table`` (those in ``only``, if given) in order, skipping done ones: {name: result}."""
     results = {}
-    for s in table:
-        if only is None or s.name in only:
-            results[s.name] = job.run.stage(s.name, lambda s=s: s.fn(job), force=s.always)
+    job.pool = ExtractPool(job.cfg.extract)  # its actors start at the first extraction that has work to do
+    try:
+        for s in table:
+            if only is None or s.name in only:
+                if not s.name.startswith(names.EXTRACT):
+                    job.pool.close()  # free its CPUs/GPUs for training and the other stages
+                results[s.name] = job.run.stage(s.name, lambda s=s: s.fn(job), force=s.always)
+    finally:
+        job.pool.close()
+        job.pool = None
     return results
 
 
@@ -389,8 +397,8 @@ def noisy_labels(truth: np.ndarray, num_classes: int, fraction: float, seed: int
 def stage_extract(job: Job, model: str, dataset: str) -> dict:
     paths = job.paths
     out = paths.features(model, dataset)
-    res = run_extract(job.cfg.extract, job.cfg.media, paths.items(dataset), paths.model(model), out)
-    fs, p = storage.resolve(storage.join(out, "_errors.parquet"))
+    res = run_extract(job.cfg.extract, job.cfg.media, paths.items(dataset), paths.model(model), out, pool=job.pool)
+    fs, p = storage.resolve(storage.join(out, features.ERRORS))
     job.run.record_errors(pq.read_table(p, filesystem=fs), "decode", dataset)
     return res
 

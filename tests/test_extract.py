@@ -64,3 +64,31 @@ def test_partial_output_is_redone(ray_session, setup):
     cfg = ExtractConfig(layers=["res5"], batch_size=16, block_rows=32)
     res = run_extract(cfg, ImageConfig(size=16), str(root / "items.parquet"), str(root / "model"), str(out))
     assert res["rows"] == 32 and pq.read_table(out).num_rows == 32
+
+
+def test_one_pool_serves_consecutive_extractions_and_both_decode_paths_agree(ray_session, setup):
+    from cf_ray.stages.extract import ExtractPool, pool_size
+
+    root, items = setup
+    args = (ImageConfig(size=16), str(root / "items.parquet"), str(root / "model"))
+    cfg = ExtractConfig(layers=["res5"], batch_size=8, block_rows=10)
+    assert pool_size(cfg, gpu=False, decode_in_actors=True) == 2  # auto: as many as the 2 CPUs take
+    assert pool_size(cfg, gpu=False, decode_in_actors=False) == 1  # one CPU left for the decode tasks
+    pool = ExtractPool(cfg)
+    try:
+        first = run_extract(cfg, *args, str(root / "pooled_1"), pool=pool)
+        pids = ray_session.get([a.ready.remote() for a in pool.actors])
+        second = run_extract(cfg, *args, str(root / "pooled_2"), pool=pool)
+        assert ray_session.get([a.ready.remote() for a in pool.actors]) == pids  # the same actor processes
+    finally:
+        pool.close()
+    assert first["pool_start_s"] > 0 and second["pool_start_s"] == 0
+    assert first["actors"] == 2 and first["decode"] == "actors" and set(first["profile"]) >= {"decode", "model"}
+    assert second["startup_s"] < first["startup_s"]
+    tasks = run_extract(cfg.model_copy(update={"decode": "tasks"}), *args, str(root / "tasks"))
+    assert tasks["decode"] == "tasks" and tasks["actors"] == 1 and tasks["skipped"] == 2
+    feats = [dict(zip(*read_features(str(root / d), "res5"))) for d in ("pooled_1", "pooled_2", "tasks")]
+    assert feats[0].keys() == feats[1].keys() == feats[2].keys() and len(feats[0]) == 30
+    for i in feats[0]:
+        np.testing.assert_allclose(feats[1][i], feats[0][i], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(feats[2][i], feats[0][i], rtol=1e-5, atol=1e-6)

@@ -96,7 +96,7 @@ def test_killed_extraction_actor_loses_no_item(ray_session, small):
             for pid, cmd in _proc_children(raylet):
                 # Ray titles an actor process "ray::<class>.<method>" while it runs a task; once a part is
                 # committed the actor is mid-run whatever it is doing.
-                if cmd.startswith("ray::MapWorker(") and "Extractor" in cmd and (".submit" in cmd or _committed(out)):
+                if cmd.startswith("ray::ExtractWorker") and (".extract_rows" in cmd or _committed(out)):
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
             time.sleep(0.01)

@@ -1,4 +1,4 @@
-"""The stage table, the training-task registry and the import layering, without Ray."""
+"""The stage table, the training-task registry, the import layering, and the extraction pool's lifetime."""
 
 import ast
 from pathlib import Path
@@ -108,3 +108,37 @@ def test_sweep_takes_the_jobs_targets_with_their_metric(tmp_path):
     row |= {"cluster": {}, "train_acc": 0.5, "train_seconds": 3, "transfer": {"voc": {"res5": {"score": 0.5}}}}
     table = "\n".join(sweep_table(refs, [row], "voc"))
     assert "res5 mAP" in table and "**+10.0**" in table
+
+
+def test_consecutive_extractions_share_one_pool_that_training_stages_never_see(ray_session, tmp_path):
+    from cf_ray.pipeline import Job, Paths, Stage, run_stages
+    from cf_ray.rundir import RunDir
+
+    cfg = load_config(JobConfig, None, ["data=d", "target=t", "extract.num_actors=1"])
+    seen = {}
+
+    def record(name):
+        def fn(job):
+            seen[name] = (job.pool.start(), [a._actor_id for a in job.pool.actors])
+            return {}
+
+        return fn
+
+    def train(job):
+        seen["retrain"] = list(job.pool.actors)  # closed: its CPUs are free for training
+        return {}
+
+    table = [
+        Stage("extract_a", record("extract_a"), lambda p: []),
+        Stage("extract_b", record("extract_b"), lambda p: []),
+        Stage("retrain", train, lambda p: []),
+        Stage("extract_c", record("extract_c"), lambda p: []),
+    ]
+    run = RunDir(str(tmp_path / "run"))
+    job = Job(cfg, run, Paths(run))
+    run_stages(job, table)
+    assert seen["extract_a"][0] > 0 and seen["extract_b"][0] == 0  # started once, then reused
+    assert seen["extract_a"][1] == seen["extract_b"][1]
+    assert seen["retrain"] == []
+    assert seen["extract_c"][0] > 0 and seen["extract_c"][1] != seen["extract_a"][1]
+    assert job.pool is None  # closed at the end

@@ -3,6 +3,7 @@
 MODELS = ("random", "pretrained", "clusterfit")  # transfer compares these; random init is the floor
 SPLITS = ("train", "test")  # of every transfer target; its datasets are named <target>_<split>
 TRANSFER = "transfer_"
+EXTRACT = "extract_"
 
 
 def dataset(target: str, split: str) -> str:
@@ -14,7 +15,7 @@ def items(target: str) -> str:
 
 
 def extract(model: str, data: str) -> str:
-    return f"extract_{model}_{data}"
+    return f"{EXTRACT}{model}_{data}"
 
 
 def transfer(target: str) -> str:
