@@ -60,6 +60,7 @@ def main() -> None:
     p.add_argument("--block-rows", type=int, default=2048)
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are printed")
     p.add_argument("--profile", action="store_true", help="print where cf_ray's time went")
+    p.add_argument("--scaling", action="store_true", help="also run cf_ray on 1 and on 2 actors each round")
     args = p.parse_args()
 
     from cf_ray.config import ExtractConfig, ImageConfig, ModelConfig

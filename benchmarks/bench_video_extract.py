@@ -70,6 +70,7 @@ def main() -> None:
     p.add_argument("--block-rows", type=int, default=32, help="cf_ray: videos per part file (and per chunk)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are printed")
     p.add_argument("--profile", action="store_true", help="print where cf_ray's time went")
+    p.add_argument("--scaling", action="store_true", help="also run cf_ray on 1 and on 2 actors each round")
     args = p.parse_args()
 
     from cf_ray.config import ExtractConfig, ModelConfig, VideoConfig

@@ -98,6 +98,9 @@ def compare(args, unit: str, dataset, items, model, model_cfg, media, cfg) -> No
     worker_counts = range(0, max(1, os.cpu_count() - 1) + 1) if args.workers is None else [args.workers]
     plain = {w: Side(f"plain DataLoader, {w} worker(s)", []) for w in worker_counts}
     ours, again_start, firsts = Side(f"cf_ray run_extract ({cfg.num_actors or 'auto'} actors)", []), [], []
+    counts = [1, 2] if args.scaling else []  # the scaling line: the same extraction on 1 and on 2 actors
+    scaling = {n: Side(f"cf_ray run_extract, {n} actor(s)", []) for n in counts}
+    scalers = {n: CfRay(items, model, model_cfg, media, cfg.model_copy(update={"num_actors": n})) for n in counts}
     video = unit == "videos"
     for r in range(args.rounds):
         for w in worker_counts:
@@ -105,6 +108,8 @@ def compare(args, unit: str, dataset, items, model, model_cfg, media, cfg) -> No
                 plain_loop(dataset, model, media.mean, media.std, layers, args.batch, w, args.threads, video)
             )
         rate, first, again = cf.run()
+        for n in counts:
+            scaling[n].rates.append(scalers[n].run()[0])
         ours.rates.append(rate)
         firsts.append(first)
         again_start.append(again["startup_s"])
@@ -113,12 +118,13 @@ def compare(args, unit: str, dataset, items, model, model_cfg, media, cfg) -> No
             f"round {r + 1}: "
             + "  ".join(f"{s.name.split(', ')[1]} {s.rates[-1]:,.1f}" for s in plain.values())
             + f"  cf_ray {rate:,.1f} {unit}/s ({first['actors']} actors, start-up {first['startup_s']}s)"
-            f"  ratio to best {rate / best.rates[-1]:.2f}x",
+            + "".join(f"  [{n} actor(s) {s.rates[-1]:,.1f}]" for n, s in scaling.items())
+            + f"  ratio to best {rate / best.rates[-1]:.2f}x",
             flush=True,
         )
     best = max(plain.values(), key=lambda s: s.median)
     print(f"\n{'side':<44} {unit + '/s (median)':>16}")
-    for s in [*plain.values(), ours]:
+    for s in [*plain.values(), ours, *scaling.values()]:
         print(f"{s.name:<44} {s.median:>16,.1f}")
     per_round = [o / max(p.rates[i] for p in plain.values()) for i, o in enumerate(ours.rates)]
     print(f"ratio cf_ray / best plain: {ours.median / best.median:.2f}x")
@@ -131,6 +137,8 @@ def compare(args, unit: str, dataset, items, model, model_cfg, media, cfg) -> No
         f"{statistics.median(f['startup_s'] for f in firsts):.2f}s; "
         f"next extraction on the same pool: {statistics.median(again_start):.2f}s"
     )
+    if scaling:
+        print(f"scaling: 2 actors / 1 actor = {scaling[2].median / scaling[1].median:.2f}x")
     if args.profile:
         print_profile(firsts[-1])
     import ray
@@ -141,6 +149,7 @@ def compare(args, unit: str, dataset, items, model, model_cfg, media, cfg) -> No
                 "n": items.num_rows,
                 "plain": {str(w): [round(x, 1) for x in s.rates] for w, s in plain.items()},
                 "cf_ray": [round(x, 1) for x in ours.rates],
+                "cf_ray_by_actors": {str(n): [round(x, 1) for x in s.rates] for n, s in scaling.items()},
                 "startup_s": [f["startup_s"] for f in firsts],
                 "startup_again_s": again_start,
                 "cpus": os.cpu_count(),
