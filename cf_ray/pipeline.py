@@ -255,7 +255,8 @@ def check_cluster(cfg: JobConfig) -> None:
     r, e, k = cfg.retrain, cfg.extract, cfg.cluster
     asks = [
         ("retrain", r.use_gpu, r.num_workers, r.cpus_per_worker, "num_workers", "cpus_per_worker"),
-        ("extract", e.use_gpu, e.num_actors, e.cpus_per_actor, "num_actors", "cpus_per_actor"),
+        # num_actors=0 (auto) sizes the pool to what the cluster has: at least one actor
+        ("extract", e.use_gpu, max(1, e.num_actors), e.cpus_per_actor, "num_actors", "cpus_per_actor"),
         # k-means: one faiss task, or num_actors shard actors that must all be placed at once
         (
             "cluster",
