@@ -142,11 +142,13 @@ class TrainConfig(_Strict):
         description="Retraining on cluster ids: weight the cross-entropy by inverse cluster size (the loss-side "
         "equivalent of sampling=uniform; the old key balanced_sampling sets this).",
     )
-    clips: Literal["random", "extracted"] = Field(
+    clips: Literal["random", "extracted", "all"] = Field(
         "random",
         description="Video: random: one clip at a random position per video and epoch; extracted: one of the "
         "video.num_clips uniformly spaced clips that extraction (and so the clustering) saw, drawn per video and "
-        "step, with that clip's own cluster id where the clustering assigned clips (extract.clip_features).",
+        "step, with that clip's own cluster id where the clustering assigned clips (extract.clip_features); all: "
+        "every extracted clip, the video's logits the mean over them (the view a video's feature and so its cluster "
+        "id come from; num_clips times the compute per video; targets given, not a proxy's).",
     )
     augment: Literal["crop_flip", "flip", "none"] = Field(
         "crop_flip",

@@ -7,7 +7,7 @@ import torch
 from cf_ray import features
 from cf_ray.pipeline import with_clip_targets
 from cf_ray.stages.fit import pseudo_label_fit
-from cf_ray.train.loop import CLIP_TARGETS, augment, pick_clip, save_head
+from cf_ray.train.loop import CLIP_TARGETS, Classifier, augment, item_logits, pick_clip, save_head
 
 
 def test_pick_clip_takes_each_videos_drawn_clip_with_its_own_target():
@@ -24,6 +24,18 @@ def test_pick_clip_takes_each_videos_drawn_clip_with_its_own_target():
     assert y.tolist() == list(range(n))
     x, y = pick_clip(pixels[:, :1], torch.arange(n), None, torch.Generator())  # one decoded clip (random mode)
     assert (x == pixels[:, 0]).all()
+
+
+def test_item_logits_average_each_items_own_clips():
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
+    backbone.num_features = 5
+    net = Classifier(backbone, 3)
+    x = torch.randn(4 * 2, 3, 4)  # 4 items x 2 clips, item-major, as pixels.reshape(-1, ...) lays them out
+    per_clip = net(x).view(4, 2, 3)
+    torch.testing.assert_close(item_logits(net, x, 2), per_clip.mean(1))
+    torch.testing.assert_close(item_logits(net, x, 2), net.head(backbone(x).view(4, 2, 5).mean(1)))
+    torch.testing.assert_close(item_logits(net, x), net(x))
 
 
 def test_augment_flip_only_keeps_every_pixel_in_place_or_mirrored():

@@ -80,6 +80,13 @@ def pick_clip(
     return clips[rows.numpy(), j.numpy()], target if clip_targets is None else clip_targets[rows, j]
 
 
+def item_logits(model: nn.Module, x: torch.Tensor, group: int = 1) -> torch.Tensor:
+    """Logits per item of inputs ``x`` that hold ``group`` consecutive inputs per item (an item's clips): their
+    mean (the head is linear, so it is the head of the item's mean feature, as extraction computes it)."""
+    logits = model(x)
+    return logits if group == 1 else logits.view(-1, group, logits.shape[-1]).mean(1)
+
+
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -228,7 +235,10 @@ def _build(config: dict) -> _Worker:
 def _step(w: _Worker, batch: dict, step: int, gen: torch.Generator, ep: _Epoch) -> None:
     """One optimizer step on one batch of decoded items."""
     pixels, y = batch[w.column].numpy(), batch["target"]
-    if w.column == "clips":
+    group = pixels.shape[1] if w.column == "clips" and w.cfg.clips == "all" else 1  # network inputs per item
+    if group > 1:
+        pixels = pixels.reshape(-1, *pixels.shape[2:])
+    elif w.column == "clips":
         pixels, y = pick_clip(pixels, y, batch.get(CLIP_TARGETS), gen)
     x = normalize(pixels, w.media.mean, w.media.std)
     if w.cfg.augment != "none":
@@ -242,7 +252,7 @@ def _step(w: _Worker, batch: dict, step: int, gen: torch.Generator, ep: _Epoch) 
     for g in w.opt.param_groups:
         g["lr"] = lr_at(min(step, total - 1), total, w.steps_per_epoch * w.cfg.warmup_epochs, w.peak_lr)
     with w.autocast():
-        logits = w.model(x)
+        logits = item_logits(w.model, x, group)
         loss = w.loss_fn(logits.float(), y)
     w.opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -353,8 +363,8 @@ def training_dataset(
     """(dataset of decoded inputs + target, rows that failed to decode, rows).
 
     Images are decoded once and materialised. Videos stream: each epoch decodes one random clip per
-    video again (so clips differ between epochs), or with clips="extracted" the clips extraction takes
-    (``media.num_clips``, uniformly spaced; the step draws one, see ``pick_clip``); their undecodable files
+    video again (so clips differ between epochs), or with clips="extracted" / "all" the clips extraction takes
+    (``media.num_clips``, uniformly spaced; the step draws one, see ``pick_clip``, or uses all); their undecodable files
     are recorded by extraction. An items column ``clip_targets`` travels with ``target``.
     """
     order = np.random.default_rng(seed).permutation(items.num_rows)  # avoid class-sorted blocks
@@ -364,7 +374,7 @@ def training_dataset(
     decode, kwargs, column = decoder(media)
     if isinstance(media, VideoConfig):
         if clips == "random":
-            kwargs = {**kwargs, "num_clips": 1, "mode": "random", "seed": None}
+            kwargs = {**kwargs, "num_clips": 1, "mode": "random", "seed": None}  # else the extracted clips
         ds = ds.map_batches(decode, fn_kwargs=kwargs, batch_size=16, batch_format="numpy")
         keep = [column, "target"] + ([CLIP_TARGETS] if CLIP_TARGETS in items.column_names else [])
         good = ds.filter(expr="error == ''").select_columns(keep)
@@ -407,6 +417,8 @@ def train_classifier(
 
     from cf_ray.models.checkpoint import build, save_backbone
 
+    if cfg.clips == "all" and task != "labels":
+        raise ValueError(f"train.clips=all needs given targets (task labels), not the {task} proxy")
     balance = None
     if task == "labels" and (cfg.sampling == "uniform" or cfg.class_weighted_loss):
         balance = balance_rates(np.bincount(items["target"].to_numpy(), minlength=num_classes))
