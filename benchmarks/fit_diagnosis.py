@@ -10,9 +10,11 @@ transfer done), in this process, no Ray:
 - the retrained network (backbone + saved head) on its source videos, against each video's cluster id:
   fit_clustered: the argmax of the mean logits over the extracted clips (the clustered view; what
   retrain.measure_fit reports as "fit"); fit_clip_own: each extracted clip against its own cluster id;
+  fit_clip_video: each extracted clip against its video's cluster;
   fit_start_<s>: one un-augmented clip starting at frame s (every start a random training clip can take);
   fit_train_view: a random start under the training augmentation (crop of the 4-pixel reflection-padded clip
   and flip), as retrain.clips=random with augment=crop_flip sees it.
+- fit_own_targets: the fit of what the retraining was asked to predict (OWN_TARGETS): one of the above.
 - from the manifest: the retraining's last-epoch training accuracy and the transfer table.
 """
 
@@ -42,6 +44,13 @@ from cf_ray.stages.cluster import read_assignments  # noqa: E402
 from cf_ray.train.loop import augment, load_head  # noqa: E402
 
 logger = logging.getLogger("cf_ray.fit_diagnosis")
+# What a run's retraining was asked to predict, on the clustered clips: (retrain.clips, per-clip targets) -> measure.
+OWN_TARGETS = {
+    ("random", False): "fit_clip_video",  # one clip -> its video's cluster
+    ("extracted", False): "fit_clip_video",
+    ("extracted", True): "fit_clip_own",  # one clip -> its own cluster
+    ("all", False): "fit_clustered",  # the video's clips together -> its video's cluster
+}
 
 
 def _matrix(col) -> np.ndarray:
@@ -111,6 +120,7 @@ def diagnose(run: str) -> dict:
     out["fit_clustered"] = float((mean_logits.argmax(1).numpy() == video).mean())
     per_clip = np.stack([clean[s].argmax(1).numpy() for s in extracted], 1)
     out["fit_clip_own"] = float((per_clip == own).mean())
+    out["fit_clip_video"] = float((per_clip == video[:, None]).mean())
     pick = torch.randint(0, len(starts), (len(ids),), generator=gen).numpy()
     x = normalize(pix[np.arange(len(ids)), pick], media.mean, media.std)
     out["fit_train_view"] = float((_logits(backbone, head, augment(x, gen)).argmax(1).numpy() == video).mean())
@@ -122,7 +132,8 @@ def diagnose(run: str) -> dict:
     out["measure_fit"] = retrain.get("fit")
     transfer = stages["transfer_target"]["result"]["transfer"]
     out["transfer"] = {m: {l: v["top1"] for l, v in t.items()} for m, t in transfer.items()}
-    out["retrain"] = {k: cfg["retrain"].get(k, "default") for k in ("epochs", "lr", "clips", "augment")}
+    out["retrain"] = {k: cfg["retrain"].get(k) for k in ("epochs", "lr", "clips", "augment")}
+    out["fit_own_targets"] = out[OWN_TARGETS[(out["retrain"]["clips"] or "random", retrain.get("clip_targets", False))]]
     return out
 
 
@@ -143,11 +154,13 @@ def plot(rows: list[dict], names: list[str], path: str) -> None:
     for ax, layer in zip(np.atleast_1d(axes), layers):
         for r, name in zip(rows, names):
             delta = 100 * (r["transfer"]["clusterfit"][layer] - r["transfer"]["pretrained"][layer])
-            ax.scatter(100 * r["fit_clustered"], delta, s=30)
-            ax.annotate(name, (100 * r["fit_clustered"], delta), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.scatter(100 * r["fit_own_targets"], delta, s=30)
+            ax.annotate(
+                name, (100 * r["fit_own_targets"], delta), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
         ax.axhline(0, color="grey", lw=0.8, ls="--")
         ax.set_title(layer)
-        ax.set_xlabel("pseudo-label fit on the clustered views (%)")
+        ax.set_xlabel("fit of its training targets, clustered clips (%)")
     np.atleast_1d(axes)[0].set_ylabel("ClusterFit - pre-trained, linear probe (points)")
     fig.suptitle("Video demo: pseudo-label fit vs transfer", fontsize=10)
     fig.tight_layout()
