@@ -6,7 +6,8 @@ For each finished video run (items, pretrain, extract_source with extract.clip_f
 transfer done), in this process, no Ray:
 
 - clip_agreement: each clip the extraction took (video.num_clips, uniformly spaced) assigned to the video-level
-  centroids after the clustering's own preprocessing; how often it lands in its video's cluster.
+  centroids after the clustering's own preprocessing; how often it lands in its video's cluster;
+  clips_same_cluster: how often two clips of one video land in the same cluster.
 - the retrained network (backbone + saved head) on its source videos, against each video's cluster id:
   fit_clustered: the argmax of the mean logits over the extracted clips (the clustered view; what
   retrain.measure_fit reports as "fit"); fit_clip_own: each extracted clip against its own cluster id;
@@ -88,6 +89,8 @@ def diagnose(run: str) -> dict:
     media = run_media(cfg)
     ids, video, own = clip_labels(run, cfg)
     out = {"run": run, "clip_agreement": float((own == video[:, None]).mean())}
+    pairs = [(i, j) for i in range(own.shape[1]) for j in range(i + 1, own.shape[1])]
+    out["clips_same_cluster"] = float(np.mean([own[:, i] == own[:, j] for i, j in pairs])) if pairs else 1.0
     backbone, _ = load_backbone(storage.join(run, "models", "clusterfit"))
     head = load_head(storage.join(run, "models", "clusterfit"))
     backbone.eval()
