@@ -79,3 +79,16 @@ def test_pseudo_label_fit_scores_videos_and_clips_through_the_saved_head(tmp_pat
     assert fit["items"] == 3 and fit["fit"] == 2 / 3  # v1 misses its cluster 2
     assert fit["clip_fit"] == 2 / 6  # (0,0) vs (0,1): 1; (1,2) vs (0,1): 0; (2,1) vs (0,1): 1
     assert fit["clip_fit_video_label"] == 4 / 6  # (0,0) vs 0: 2; (1,2) vs 2: 1; (2,1) vs 2: 1
+
+
+def test_verdict_names_the_fit_of_the_targets_the_retraining_had():
+    from cf_ray.stages.report import _verdict
+
+    transfer = {m: {"res5": {"top1": v}} for m, v in (("random", 0.1), ("pretrained", 0.5), ("clusterfit", 0.4))}
+    hist = [{"acc": 0.3}]
+    fit = {"fit": 0.45, "clip_fit": 0.35}
+    assert "fits only 30% of its own pseudo-labels (in training)" in _verdict(transfer, {"retrain": {"history": hist}})
+    per_video = _verdict(transfer, {"retrain": {"history": hist, "fit": fit, "clip_targets": False}})
+    assert "fits only 45% of its own pseudo-labels (on the clustered views)" in per_video
+    per_clip = _verdict(transfer, {"retrain": {"history": hist, "fit": fit, "clip_targets": True}})
+    assert "fits only 35% of its own pseudo-labels (on the clustered views)" in per_clip

@@ -133,8 +133,11 @@ def _verdict(transfer: dict, results: dict) -> str:
                 f"the clusters agree little with the source's own labels (NMI {cluster['nmi']:.2f}), so the "
                 "pseudo-labels carry little of what the target asks for; try another layer (cluster.layer), K, or PCA"
             )
-        fit = results.get("retrain", {}).get("fit", {}).get("fit")  # on the clustered views (retrain.measure_fit)
-        fit, where = (fit, "on the clustered views") if fit is not None else (hist and hist[-1]["acc"], "in training")
+        retrain = results.get("retrain", {})
+        measured = retrain.get("fit", {})  # on the clustered views (retrain.measure_fit)
+        own = "clip_fit" if retrain.get("clip_targets") and "clip_fit" in measured else "fit"  # per-clip targets
+        fit, where = (measured[own], "on the clustered views") if own in measured else (None, "in training")
+        fit = hist[-1]["acc"] if fit is None and hist else fit
         if hist and fit < 0.5:
             hints.append(
                 f"the retrained network fits only {100 * fit:.0f}% of its own pseudo-labels ({where}); "
