@@ -162,6 +162,7 @@ def plot(rows: list[dict], names: list[str], path: str) -> None:
                 name, (100 * r["fit_own_targets"], delta), fontsize=7, xytext=(3, 3), textcoords="offset points"
             )
         ax.axhline(0, color="grey", lw=0.8, ls="--")
+        ax.margins(0.15)
         ax.set_title(layer)
         ax.set_xlabel("fit of its training targets, clustered clips (%)")
     np.atleast_1d(axes)[0].set_ylabel("ClusterFit - pre-trained, linear probe (points)")
