@@ -142,6 +142,25 @@ class TrainConfig(_Strict):
         description="Retraining on cluster ids: weight the cross-entropy by inverse cluster size (the loss-side "
         "equivalent of sampling=uniform; the old key balanced_sampling sets this).",
     )
+    clips: Literal["random", "extracted", "all"] = Field(
+        "random",
+        description="Video: random: one clip at a random position per video and epoch; extracted: one of the "
+        "video.num_clips uniformly spaced clips that extraction (and so the clustering) saw, drawn per video and "
+        "step, with that clip's own cluster id where the clustering assigned clips (extract.clip_features); all: "
+        "every extracted clip, the video's logits the mean over them (the view a video's feature and so its cluster "
+        "id come from; num_clips times the compute per video; targets given, not a proxy's).",
+    )
+    augment: Literal["crop_flip", "flip", "none"] = Field(
+        "crop_flip",
+        description="Training augmentation, per item (the same for every frame of a clip): crop_flip: random crop "
+        "of the 4-pixel reflection-padded input and horizontal flip; flip: the flip only; none.",
+    )
+    measure_fit: bool = Field(
+        False,
+        description="Retraining on cluster ids: afterwards, how many items (and clips) the network assigns to their "
+        "own cluster when it sees the views that were clustered, un-augmented (one extraction pass over the source; "
+        "the training accuracy is measured on augmented views and a changing model).",
+    )
     num_workers: int = Field(1, gt=0, description="Ray Train workers.")
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: Literal["auto", "yes", "no"] = Field(

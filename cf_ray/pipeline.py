@@ -23,7 +23,7 @@ from cf_ray.media.items import read_items, write_items
 from cf_ray.rundir import RunDir
 from cf_ray.sources import IMAGE_EXTS, VIDEO_EXTS, SourceError, list_items, load_target, target_splits
 from cf_ray.stages import names
-from cf_ray.stages.cluster import read_assignments, run_cluster
+from cf_ray.stages.cluster import read_assignments, read_clip_assignments, run_cluster
 from cf_ray.stages.extract import ExtractPool, run_extract
 from cf_ray.stages.names import MODELS, SPLITS
 from cf_ray.stages.probe import run_probe
@@ -100,7 +100,7 @@ def stage_table(cfg: JobConfig) -> list[Stage]:
         Stage(
             "retrain",
             stage_retrain,
-            lambda p: [p.model("clusterfit"), storage.join(p.train, "retrain")],
+            lambda p: [p.model("clusterfit"), storage.join(p.train, "retrain"), p.features("clusterfit", "source")],
             ("cluster",),
             "retrain",
         ),
@@ -431,17 +431,47 @@ def cluster_quality(items: pa.Table, assignments: pa.Table) -> dict:
 
 
 def stage_retrain(job: Job) -> dict:
-    from cf_ray.train.loop import train_classifier
+    from cf_ray.train.loop import CLIP_TARGETS, train_classifier
 
     cfg, paths = job.cfg, job.paths
     a = read_assignments(paths.cluster)
     items = read_items(paths.items("source")).join(a.select(["id", "cluster"]), "id", join_type="inner")
     items = items.sort_by("id").rename_columns([c if c != "cluster" else "target" for c in items.column_names])
+    clips = read_clip_assignments(paths.cluster) if cfg.modality == "video" else None
+    if clips is not None and cfg.retrain.clips == "extracted":
+        items = with_clip_targets(items, clips)
     counts = np.bincount(items["target"].to_numpy(), minlength=cfg.cluster.k)
     res = train_classifier(
         cfg.retrain, cfg.media, items, "labels", cfg.cluster.k, paths.train, "retrain", paths.model("clusterfit")
     )
-    return {"history": res["history"], "items": res["rows"], "classes": int((counts > 0).sum()), "best": res["best"]}
+    out = {"history": res["history"], "items": res["rows"], "classes": int((counts > 0).sum()), "best": res["best"]}
+    out["clip_targets"] = CLIP_TARGETS in items.column_names
+    if cfg.retrain.measure_fit:
+        out["fit"] = measure_fit(job, a, clips)
+        logger.info(f"retrain: fits {100 * out['fit']['fit']:.1f}% of its pseudo-labels on the clustered views")
+    return out
+
+
+def with_clip_targets(items: pa.Table, clips: pa.Table) -> pa.Table:
+    """``items`` with column clip_targets: each extracted clip's own cluster id (items without one are dropped)."""
+    from cf_ray.train.loop import CLIP_TARGETS
+
+    where = {k: i for i, k in enumerate(clips["id"].to_pylist())}
+    keep = [i for i, k in enumerate(items["id"].to_pylist()) if k in where]
+    items = items.take(keep)
+    rows = [where[k] for k in items["id"].to_pylist()]
+    return items.append_column(CLIP_TARGETS, clips["clusters"].take(rows))
+
+
+def measure_fit(job: Job, assignments: pa.Table, clips: pa.Table | None) -> dict:
+    """Pseudo-label fit of the retrained network on the clustered views (cf_ray.stages.fit)."""
+    from cf_ray.stages.fit import LAYER, pseudo_label_fit
+
+    cfg, paths = job.cfg, job.paths
+    out = paths.features("clusterfit", "source")
+    extract = cfg.extract.model_copy(update={"layers": [LAYER], "clip_features": clips is not None})
+    run_extract(extract, cfg.media, paths.items("source"), paths.model("clusterfit"), out)
+    return pseudo_label_fit(out, paths.model("clusterfit"), assignments, clips)
 
 
 def stage_transfer(job: Job, name: str, target: TargetConfig) -> dict:

@@ -39,6 +39,9 @@ TINY = [
     "extract.precision=bf16",
     "extract.channels_last=yes",
     "extract.clip_features=true",
+    # Retraining on the clips that were clustered, each with its own cluster id, and its fit measured on them.
+    "retrain.clips=extracted",
+    "retrain.measure_fit=true",
 ]
 
 
@@ -95,6 +98,20 @@ def test_video_job_end_to_end_and_resume(ray_session, demo):
     assert sorted(Path(e["path"]).name for e in errors) == ["broken.mp4", "notes.txt", "voice.mp4"]
     a = pq.read_table(run / "cluster" / "assignments.parquet")
     assert a.num_rows == 2 * len(MOTIONS) and set(a["cluster"].to_pylist()) <= set(range(4))
+
+    # Per-clip pseudo-labels: each clip of each clustered video assigned to the video centroids.
+    clips = pq.read_table(run / "cluster" / "clip_assignments.parquet")
+    assert sorted(clips["id"].to_pylist()) == sorted(a["id"].to_pylist())
+    assert clips.schema.field("clusters").type.list_size == 2 and set(
+        pc.list_flatten(clips["clusters"]).to_pylist()
+    ) <= set(range(4))
+    cluster = manifest["stages"]["cluster"]["result"]
+    video_of = dict(zip(a["id"].to_pylist(), a["cluster"].to_pylist()))
+    same = [c == video_of[i] for i, cs in zip(clips["id"].to_pylist(), clips["clusters"].to_pylist()) for c in cs]
+    assert cluster["clip_agreement"] == pytest.approx(np.mean(same))
+    retrain = manifest["stages"]["retrain"]["result"]
+    assert retrain["clip_targets"] and retrain["fit"]["items"] == a.num_rows
+    assert all(0 <= retrain["fit"][k] <= 1 for k in ("fit", "clip_fit", "clip_fit_video_label"))
 
     report = (run / "report.md").read_text()
     assert "ClusterFit - pre-trained" in report and "voice.mp4" in report and "videos" in report

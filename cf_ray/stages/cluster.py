@@ -8,7 +8,10 @@ resumes an incomplete one, and ``read_assignments`` refuses it).
 backend=faiss runs faiss.Kmeans on all features in one Ray task (never in the driver, which may sit on a 0-CPU
 head node); backend=ray shards the rows over Ray actors (cf_ray.kmeans.distributed), checkpoints every
 iteration in ``out_uri/_checkpoint`` (a rerun resumes) and writes assignments.parquet as a folder of part
-files, one per actor. ``cluster.use_gpu`` asks Ray for a GPU per task/actor; whether faiss then runs on it is
+files, one per actor. Where the features keep every clip of a video (extract.clip_features), each clip is also
+assigned to the same centroids: clip_assignments.parquet (id, clusters: one id per clip, in extraction order),
+and stats.json's ``clip_agreement`` says how often a clip's cluster is its video's.
+``cluster.use_gpu`` asks Ray for a GPU per task/actor; whether faiss then runs on it is
 decided inside that process by its own faiss build (cf_ray.kmeans.device), and stats.json records the device.
 """
 
@@ -33,6 +36,7 @@ from cf_ray.runtime import want_gpu
 from cf_ray.storage import SUCCESS, require_complete
 
 logger = logging.getLogger(__name__)
+CLIP_ASSIGNMENTS = "clip_assignments.parquet"
 
 
 class ClusterInputError(ValueError):
@@ -85,13 +89,16 @@ def run_cluster(cfg: ClusterConfig, features_uri: str, out_uri: str) -> dict:
     stats = (
         _cluster_ray(cfg, features_uri, out_uri) if cfg.backend == "ray" else _cluster_faiss(cfg, features_uri, out_uri)
     )
+    _remove(storage.join(out_uri, CLIP_ASSIGNMENTS))
+    if features_uri_has_clips(features_uri, cfg.layer):
+        stats.update(
+            ray.get(ray.remote(_clip_task).options(num_cpus=cfg.cpus_per_actor).remote(cfg, features_uri, out_uri))
+        )
     stats["seconds"] = round(time.time() - t0, 2)
     stats["backend"] = cfg.backend
     storage.write_json(storage.join(out_uri, "stats.json"), stats)
-    summary = {
-        k: stats[k]
-        for k in ("n", "d", "k", "objective", "imbalance", "empty", "min_size", "max_size", "seconds", "device")
-    }
+    keys = ("n", "d", "k", "objective", "imbalance", "empty", "min_size", "max_size", "seconds", "device")
+    summary = {k: stats[k] for k in keys + ("clip_agreement",) if k in stats}
     storage.write_json(marker, summary)
     logger.info(
         f"cluster: objective {stats['objective']:.4g}, imbalance {stats['imbalance']:.3f}, empty {stats['empty']}, "
@@ -199,6 +206,48 @@ def _cluster_ray(cfg: ClusterConfig, features_uri: str, out_uri: str) -> dict:
     return stats
 
 
+def clip_column(layer: str) -> str:
+    return f"clipfeat_{layer}"
+
+
+def features_uri_has_clips(features_uri: str, layer: str) -> bool:
+    from cf_ray.features import dataset
+
+    return clip_column(layer) in dataset(features_uri).schema.names
+
+
+def _clip_task(cfg: ClusterConfig, features_uri: str, out_uri: str) -> dict:
+    """Assign every clip of every video to the video-level centroids; write clip_assignments.parquet."""
+    from cf_ray.features import read_table
+    from cf_ray.kmeans.core import l2_normalize, pca_whiten_apply
+
+    t = read_table(features_uri, ["id", clip_column(cfg.layer)])
+    col = t[clip_column(cfg.layer)].combine_chunks()
+    clips, d = col.type.list_size, col.type.value_type.list_size
+    x = col.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32)
+    if cfg.l2_normalize:
+        x = l2_normalize(x)
+    transform_path = storage.join(out_uri, "transform.npz")
+    if storage.exists(transform_path):
+        x = pca_whiten_apply(x, dict(np.load(io.BytesIO(storage.read_bytes(transform_path)))))
+    centroids = np.load(io.BytesIO(storage.read_bytes(storage.join(out_uri, "centroids.npy"))))
+    labels = nearest(np.ascontiguousarray(x), centroids, cfg.backend == "ray" and cfg.spherical)[0]
+    labels = labels.astype(np.int32).reshape(-1, clips)
+    path = storage.join(out_uri, CLIP_ASSIGNMENTS)
+    fs, p = storage.resolve(path)
+    ids = t["id"]
+    pq.write_table(
+        pa.table({"id": ids, "clusters": pa.FixedSizeListArray.from_arrays(labels.reshape(-1), clips)}),
+        p,
+        filesystem=fs,
+    )
+    video = read_assignments_file(out_uri).select(["id", "cluster"])
+    joined = pa.table({"id": ids, "i": np.arange(len(ids))}).join(video, "id").sort_by("i")
+    same = labels[joined["i"].to_numpy()] == joined["cluster"].to_numpy()[:, None]
+    logger.info(f"cluster: {labels.size} clips assigned; {100 * same.mean():.1f}% share their video's cluster")
+    return {"clips_per_video": clips, "clip_agreement": float(same.mean())}
+
+
 def _write_model(out_uri: str, centroids: np.ndarray, transform: dict | None) -> None:
     buf = io.BytesIO()
     np.save(buf, centroids)
@@ -221,6 +270,20 @@ def _remove(path: str) -> None:
 def read_assignments(out_uri: str) -> pa.Table:
     """(id, cluster, distance) of every item: one file (faiss backend) or a folder of parts (ray)."""
     require_complete(out_uri, "clustering")
+    return read_assignments_file(out_uri)
+
+
+def read_clip_assignments(out_uri: str) -> pa.Table | None:
+    """(id, clusters: one id per clip) where the clustering assigned clips, else None."""
+    require_complete(out_uri, "clustering")
+    path = storage.join(out_uri, CLIP_ASSIGNMENTS)
+    if not storage.exists(path):
+        return None
+    fs, p = storage.resolve(path)
+    return pq.read_table(p, filesystem=fs)
+
+
+def read_assignments_file(out_uri: str) -> pa.Table:
     fs, p = storage.resolve(storage.join(out_uri, "assignments.parquet"))
     if fs.get_file_info(p).type != pafs.FileType.Directory:
         return pq.read_table(p, filesystem=fs)

@@ -133,9 +133,14 @@ def _verdict(transfer: dict, results: dict) -> str:
                 f"the clusters agree little with the source's own labels (NMI {cluster['nmi']:.2f}), so the "
                 "pseudo-labels carry little of what the target asks for; try another layer (cluster.layer), K, or PCA"
             )
-        if hist and hist[-1]["acc"] < 0.5:
+        retrain = results.get("retrain", {})
+        measured = retrain.get("fit", {})  # on the clustered views (retrain.measure_fit)
+        own = "clip_fit" if retrain.get("clip_targets") and "clip_fit" in measured else "fit"  # per-clip targets
+        fit, where = (measured[own], "on the clustered views") if own in measured else (None, "in training")
+        fit = hist[-1]["acc"] if fit is None and hist else fit
+        if hist and fit < 0.5:
             hints.append(
-                f"the retrained network fits only {100 * hist[-1]['acc']:.0f}% of its own pseudo-labels; "
+                f"the retrained network fits only {100 * fit:.0f}% of its own pseudo-labels ({where}); "
                 "more retrain.epochs or a wider retrain.model may help"
             )
         if hints:
@@ -219,6 +224,11 @@ def run_report(run_dir: str, title: str = "ClusterFit run", targets: list[str] |
             + (f" k-means ran on {stats['device']} (backend {stats.get('backend')})." if stats.get("device") else "")
             + (f" Note: {stats['device_note']}." if stats.get("device_note") else "")
             + (
+                f" Clips assigned one by one: {100 * stats['clip_agreement']:.1f}% share their video's cluster."
+                if "clip_agreement" in stats
+                else ""
+            )
+            + (
                 f" NMI against the source's own labels: {metrics['cluster']['nmi']:.3f}."
                 if "nmi" in metrics["cluster"]
                 else ""
@@ -247,6 +257,17 @@ def run_report(run_dir: str, title: str = "ClusterFit run", targets: list[str] |
             lines.append(
                 f"- {n}: {len(h)} epochs, final loss {last['loss']:.3f}, accuracy {100 * last['acc']:.1f}%, "
                 f"{last['items_per_s']:.0f} items/s"
+            )
+        fit = results.get("retrain", {}).get("fit")
+        if fit:
+            metrics["pseudo_label_fit"] = fit
+            lines.append(
+                f"- retrain, pseudo-label fit on the clustered views (un-augmented): {100 * fit['fit']:.1f}% of items"
+                + (
+                    f", {100 * fit['clip_fit']:.1f}% of clips (each against its own cluster)"
+                    if "clip_fit" in fit
+                    else ""
+                )
             )
         lines.append("")
         for n, h in histories.items():

@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 STATE = "state.pt"
 HISTORY = "history.json"
 HEAD = "head.pt"  # the classifier head, saved beside backbone.pt (fine-tuned models are evaluated with it)
+CLIP_TARGETS = "clip_targets"  # optional items column: a target per extracted clip (train.clips=extracted)
 
 
 class Classifier(nn.Module):
@@ -51,19 +52,39 @@ class Classifier(nn.Module):
         return self.head(self.backbone(x))
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop with reflection padding and horizontal flip, per sample, the same for every frame of
-    a clip; x is (N,3,H,W) or (N,3,T,H,W)."""
+def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4, crop: bool = True) -> torch.Tensor:
+    """Random crop with reflection padding (with ``crop``) and horizontal flip, per sample, the same for every
+    frame of a clip; x is (N,3,H,W) or (N,3,T,H,W)."""
     shape = x.shape
     n, h, w = shape[0], shape[-2], shape[-1]
-    x = x.reshape(n, -1, h, w)
-    xp = nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    out = torch.stack([xp[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    out = x.reshape(n, -1, h, w).clone()
+    if crop:
+        xp = nn.functional.pad(out, (pad, pad, pad, pad), mode="reflect")
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+        out = torch.stack([xp[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
     flip = torch.rand(n, generator=gen) < 0.5
     out[flip] = out[flip].flip(-1)
     return out.reshape(shape)
+
+
+def pick_clip(
+    clips: np.ndarray, target: torch.Tensor, clip_targets: torch.Tensor | None, gen: torch.Generator
+) -> tuple[np.ndarray, torch.Tensor]:
+    """One clip per video from decoded (N, clips, T, H, W, 3) pixels, drawn per video; its target is that clip's
+    own (``clip_targets``, (N, clips)) where given, else the video's. A single decoded clip is taken as is."""
+    if clips.shape[1] == 1:
+        return clips[:, 0], target if clip_targets is None else clip_targets[:, 0]
+    j = torch.randint(0, clips.shape[1], (len(clips),), generator=gen)
+    rows = torch.arange(len(clips))
+    return clips[rows.numpy(), j.numpy()], target if clip_targets is None else clip_targets[rows, j]
+
+
+def item_logits(model: nn.Module, x: torch.Tensor, group: int = 1) -> torch.Tensor:
+    """Logits per item of inputs ``x`` that hold ``group`` consecutive inputs per item (an item's clips): their
+    mean (the head is linear, so it is the head of the item's mean feature, as extraction computes it)."""
+    logits = model(x)
+    return logits if group == 1 else logits.view(-1, group, logits.shape[-1]).mean(1)
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -213,11 +234,15 @@ def _build(config: dict) -> _Worker:
 
 def _step(w: _Worker, batch: dict, step: int, gen: torch.Generator, ep: _Epoch) -> None:
     """One optimizer step on one batch of decoded items."""
-    pixels = batch[w.column].numpy()
-    if w.column == "clips":
-        pixels = pixels[:, 0]  # one random clip per video and epoch
-    x = augment(normalize(pixels, w.media.mean, w.media.std), gen)
-    y = batch["target"]
+    pixels, y = batch[w.column].numpy(), batch["target"]
+    group = pixels.shape[1] if w.column == "clips" and w.cfg.clips == "all" else 1  # network inputs per item
+    if group > 1:
+        pixels = pixels.reshape(-1, *pixels.shape[2:])
+    elif w.column == "clips":
+        pixels, y = pick_clip(pixels, y, batch.get(CLIP_TARGETS), gen)
+    x = normalize(pixels, w.media.mean, w.media.std)
+    if w.cfg.augment != "none":
+        x = augment(x, gen, crop=w.cfg.augment == "crop_flip")
     soft = y.is_floating_point()  # distillation: a probability vector per item (per view for multi-view tasks)
     x, y = w.task.batch(x, y.float() if soft else y.long(), gen)
     x, y = x.to(w.device, non_blocking=True), y.to(w.device, non_blocking=True)
@@ -227,7 +252,7 @@ def _step(w: _Worker, batch: dict, step: int, gen: torch.Generator, ep: _Epoch) 
     for g in w.opt.param_groups:
         g["lr"] = lr_at(min(step, total - 1), total, w.steps_per_epoch * w.cfg.warmup_epochs, w.peak_lr)
     with w.autocast():
-        logits = w.model(x)
+        logits = item_logits(w.model, x, group)
         loss = w.loss_fn(logits.float(), y)
     w.opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -333,12 +358,14 @@ def load_head(model_uri: str) -> nn.Linear:
 
 
 def training_dataset(
-    items: pa.Table, media: ImageConfig | VideoConfig, seed: int, block_rows: int = 2048
+    items: pa.Table, media: ImageConfig | VideoConfig, seed: int, block_rows: int = 2048, clips: str = "random"
 ) -> tuple[ray.data.Dataset, pa.Table, int]:
     """(dataset of decoded inputs + target, rows that failed to decode, rows).
 
     Images are decoded once and materialised. Videos stream: each epoch decodes one random clip per
-    video again (so clips differ between epochs); their undecodable files are recorded by extraction.
+    video again (so clips differ between epochs), or with clips="extracted" / "all" the clips extraction takes
+    (``media.num_clips``, uniformly spaced; the step draws one, see ``pick_clip``, or uses all); their undecodable files
+    are recorded by extraction. An items column ``clip_targets`` travels with ``target``.
     """
     order = np.random.default_rng(seed).permutation(items.num_rows)  # avoid class-sorted blocks
     if isinstance(media, VideoConfig):
@@ -346,9 +373,11 @@ def training_dataset(
     ds = items_dataset(items.take(order), block_rows)
     decode, kwargs, column = decoder(media)
     if isinstance(media, VideoConfig):
-        kwargs = {**kwargs, "num_clips": 1, "mode": "random", "seed": None}
+        if clips == "random":
+            kwargs = {**kwargs, "num_clips": 1, "mode": "random", "seed": None}  # else the extracted clips
         ds = ds.map_batches(decode, fn_kwargs=kwargs, batch_size=16, batch_format="numpy")
-        good = ds.filter(expr="error == ''").select_columns([column, "target"])
+        keep = [column, "target"] + ([CLIP_TARGETS] if CLIP_TARGETS in items.column_names else [])
+        good = ds.filter(expr="error == ''").select_columns(keep)
         return good, pa.table({"id": [], "path": [], "error": []}), items.num_rows
     ds = ds.map_batches(decode, fn_kwargs=kwargs, batch_format="numpy").materialize()
     bad = ds.filter(expr="error != ''").select_columns(["id", "path", "error"]).to_arrow_refs()
@@ -388,10 +417,12 @@ def train_classifier(
 
     from cf_ray.models.checkpoint import build, save_backbone
 
+    if cfg.clips == "all" and task != "labels":
+        raise ValueError(f"train.clips=all needs given targets (task labels), not the {task} proxy")
     balance = None
     if task == "labels" and (cfg.sampling == "uniform" or cfg.class_weighted_loss):
         balance = balance_rates(np.bincount(items["target"].to_numpy(), minlength=num_classes))
-    ds, bad, rows = training_dataset(items, media, cfg.seed)
+    ds, bad, rows = training_dataset(items, media, cfg.seed, clips=cfg.clips)
     ds.set_name(f"{name}_train")  # how the dashboard's Data view names it
     if rows == 0:
         raise ValueError(f"{name}: none of the {items.num_rows} training images could be decoded")
