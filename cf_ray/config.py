@@ -172,7 +172,8 @@ class TrainConfig(_Strict):
         "the latest (the resume point).",
     )
     seed: int = Field(
-        0, description="Initial weights, augmentation and the shuffle of items; --seeds s adds s (docs/reproducibility.md)."
+        0,
+        description="Initial weights, augmentation and the shuffle of items; --seeds s adds s.",
     )
 
     @model_validator(mode="before")

@@ -16,9 +16,7 @@ from cf_ray.config import ProbeConfig
 from cf_ray.features import read_features
 
 
-def fit_logreg(
-    x: np.ndarray, y: np.ndarray, num_classes: int, wd: float, steps: int, seed: int = 0
-) -> torch.nn.Linear:
+def fit_logreg(x: np.ndarray, y: np.ndarray, num_classes: int, wd: float, steps: int, seed: int = 0) -> torch.nn.Linear:
     """Multinomial logistic regression (y: class index) or, for a 2-D 0/1 ``y``, one-vs-rest (multi-label)."""
     torch.manual_seed(seed)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
