@@ -131,7 +131,7 @@ def command_line(prog: str, argv: list[str]) -> str:
     """The command that reproduces this run, for the seeds report."""
     import shlex
 
-    return shlex.join(["python", f"jobs/{prog}"] if prog.endswith(".py") else [prog]) + " " + shlex.join(argv)
+    return shlex.join(["python", f"jobs/{prog}"] if prog.endswith(".py") else prog.split()) + " " + shlex.join(argv)
 
 
 if __name__ == "__main__":

@@ -74,9 +74,12 @@ def run_job_seeds(cfg: JobConfig, seeds: list[int], stage: str = "all", command:
             pipeline.run_job(with_seed(cfg, s))
         else:
             pipeline.run_cli_stage(stage, with_seed(cfg, s))
-    out = write_job_seeds_report(storage.absolute(cfg.run_dir), seeds, command)
+    root = storage.absolute(cfg.run_dir)
+    if stage == "report" and storage.exists(storage.join(root, "seeds.json")):
+        command = storage.read_json(storage.join(root, "seeds.json")).get("command") or command  # what made them
+    out = write_job_seeds_report(root, seeds, command)
     logger.info(f"seeds report: {out['report']}")
-    return {"run_dir": storage.absolute(cfg.run_dir), **out}
+    return {"run_dir": root, **out}
 
 
 def run_sweep_seeds(cfg, seeds: list[int], report_only: bool = False, command: str = "") -> dict:

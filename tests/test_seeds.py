@@ -225,3 +225,18 @@ def test_sweep_script_takes_seeds(tmp_path):
     )
     assert json.loads((tmp_path / "seeds.json").read_text())["seeds"] == [0, 2]
     assert "report_seeds.md" in res.stdout
+
+
+def test_report_stage_over_seeds_keeps_the_command_that_made_the_runs(tmp_path):
+    """`cf-ray report --seeds` only rewrites reports (no Ray): each seed's report.md, and the summary keeps the
+    command of the runs rather than its own."""
+    from cf_ray.seeds import run_job_seeds
+
+    (tmp_path / "seeds.json").write_text(json.dumps({"command": "python jobs/clusterfit_image.py --seeds 0,1"}))
+    cfg = load_config(JobConfig, None, ["data=x", "target=y", f"run_dir={tmp_path}"])
+    out = run_job_seeds(cfg, [0, 1], "report", "cf-ray report --seeds 0,1")
+    assert (tmp_path / "seed_1" / "report.md").exists() and "seed: 1\n" in (
+        tmp_path / "seed_1" / "config.yaml"
+    ).read_text()
+    assert json.loads((tmp_path / "seeds.json").read_text())["command"] == "python jobs/clusterfit_image.py --seeds 0,1"
+    assert out["report"] == str(tmp_path / "report_seeds.md")

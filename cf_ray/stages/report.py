@@ -171,9 +171,9 @@ def seed_lines(run: RunDir) -> list[str]:
         return []
     seed = (yaml.safe_load(storage.read_bytes(run.path("config.yaml"))) or {}).get("seed", 0)
     return [
-        f"One run, seed {seed}. Identical runs with other seeds spread by several points on small targets, so "
-        "a difference here means little on its own: `--seeds 0,1,2` gives mean ± sd over seeds and marks the "
-        "differences that exceed twice the sd of the paired differences (docs/reproducibility.md).",
+        f"One run, seed {seed}. Runs that differ only in their seed can differ by several points on small "
+        "targets, so a difference here means little on its own: `--seeds 0,1,2` gives mean ± sd over seeds and "
+        "marks the differences that exceed twice the sd of the paired differences (docs/reproducibility.md).",
         "",
     ]
 

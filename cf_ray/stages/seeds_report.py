@@ -107,8 +107,9 @@ def per_seed_lines(scores: dict, diffs: dict, seeds: list[int]) -> list[str]:
     lines = ["Per seed:", "", "| | layer | " + " | ".join(f"seed {s}" for s in seeds) + " |"]
     lines.append("|---|---|" + "---|" * len(seeds))
     for name, table in [*scores.items(), *diffs.items()]:
+        spec = "+.1f" if name in diffs else ".1f"
         for l, stat in table.items():
-            lines.append(f"| {name} | {l} | " + " | ".join(f"{100 * v:.1f}" for v in stat["values"]) + " |")
+            lines.append(f"| {name} | {l} | " + " | ".join(format(100 * v, spec) for v in stat["values"]) + " |")
     return lines + [""]
 
 
