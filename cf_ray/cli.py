@@ -7,6 +7,7 @@ import sys
 
 from cf_ray import log
 from cf_ray.config import ConfigError, JobConfig, dump_config, load_config, packaged_config
+from cf_ray.seeds import parse_seeds, run_job_seeds, with_seed
 from cf_ray.sources import SourceError
 
 # The embedded demo datasets' sizes (per class), chosen so `make demo` runs in minutes on 2 CPU cores.
@@ -46,6 +47,11 @@ def parser(prog: str = "cf-ray", with_stage: bool = True) -> argparse.ArgumentPa
         "--demo",
         action="store_true",
         help="generate the demo dataset under ./data/ and run on it with the packaged <image|video>_demo.yaml",
+    )
+    p.add_argument(
+        "--seeds",
+        help="run once per seed, e.g. 0,1,2: seed s in <run_dir>/seed_<s> with s added to every seed field, then "
+        "<run_dir>/report_seeds.md with mean ± sd over the seeds (docs/reproducibility.md)",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. cluster.k=500 retrain.epochs=30")
@@ -96,16 +102,36 @@ def main(argv: list[str] | None = None, prog: str = "cf-ray", stage: str | None 
     log.setup()
     try:
         cfg = resolve_config(args)
+        seeds = parse_seeds(args.seeds) if args.seeds is not None else None
         if args.print_config:
-            print(dump_config(cfg), end="")
+            print_config(cfg, seeds)
             return 0
-        result = run_stage(stage or args.stage, cfg)
+        if seeds is None:
+            result = run_stage(stage or args.stage, cfg)
+        else:
+            result = run_job_seeds(cfg, seeds, stage or args.stage, command_line(prog, argv))
     except (ConfigError, SourceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if isinstance(result, dict) and "report" in result:
         print(f"run directory: {cfg.run_dir}\nreport: {result['report']}")
     return 0
+
+
+def print_config(cfg: JobConfig, seeds: list[int] | None) -> None:
+    """The resolved config; with seeds, one YAML document per seed's run."""
+    if seeds is None:
+        print(dump_config(cfg), end="")
+        return
+    for s in seeds:
+        print(f"--- # seed {s}\n" + dump_config(with_seed(cfg, s)), end="")
+
+
+def command_line(prog: str, argv: list[str]) -> str:
+    """The command that reproduces this run, for the seeds report."""
+    import shlex
+
+    return shlex.join(["python", f"jobs/{prog}"] if prog.endswith(".py") else prog.split()) + " " + shlex.join(argv)
 
 
 if __name__ == "__main__":

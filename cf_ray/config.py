@@ -163,6 +163,13 @@ class TrainConfig(_Strict):
     )
     num_workers: int = Field(1, gt=0, description="Ray Train workers.")
     cpus_per_worker: float = Field(1.0, gt=0)
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="Torch threads per worker; 0: its share of a local Ray's CPUs, or cpus_per_worker on a joined "
+        "cluster (ray job submit). Set it to get the same numbers from a local run and a submitted one: other "
+        "thread counts sum in another order (docs/reproducibility.md).",
+    )
     use_gpu: Literal["auto", "yes", "no"] = Field(
         "auto", description="auto: a GPU per worker when the cluster has GPUs."
     )
@@ -183,7 +190,10 @@ class TrainConfig(_Strict):
         description="Checkpoints kept under the storage path: this many with the best training accuracy, plus always "
         "the latest (the resume point).",
     )
-    seed: int = 0
+    seed: int = Field(
+        0,
+        description="Initial weights, augmentation and the shuffle of items; --seeds s adds s.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -290,7 +300,7 @@ class ClusterConfig(_Strict):
     k: int = Field(100, gt=0, description="Number of clusters (VISSL's ImageNet default is 16000).")
     layer: str = Field("res5", description="Which extracted feature column to cluster.")
     niter: int = Field(20, gt=0)
-    seed: int = 1234
+    seed: int = Field(1234, description="k-means initialisation and sampling; --seeds s adds s.")
     l2_normalize: bool = True
     pca_dim: int | None = Field(
         None, gt=0, description="PCA-whiten to this many dims after L2 (VISSL order); none: off."
@@ -358,7 +368,9 @@ class ProbeConfig(_Strict):
         default_factory=lambda: TrainConfig(epochs=5, lr=0.02, warmup_epochs=0),
         description="The fine-tuning run (finetune=true); its model section is ignored: each backbone keeps its own.",
     )
-    seed: int = 0
+    seed: int = Field(
+        0, description="The held-out part of train that picks the weight decay, and the probes' init; --seeds s adds s."
+    )
 
     @model_validator(mode="after")
     def _finetune_single_label(self) -> "ProbeConfig":
@@ -451,7 +463,12 @@ class JobConfig(_Strict):
         "e.g. targets.flowers=../shared/data/flowers; each gets its own probes, table and plot. "
         "`target`, if set, is the one named 'target'.",
     )
-    seed: int = 0
+    seed: int = Field(
+        0,
+        description="The random-init network, the data_limit subset, the train/test split of a target without one, "
+        "label noise. --seeds 0,1,2 runs the job once per seed s in <run_dir>/seed_<s>, adding s to this and every "
+        "other seed field (docs/reproducibility.md).",
+    )
     image: ImageConfig = Field(default_factory=ImageConfig)
     video: VideoConfig = Field(default_factory=VideoConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)

@@ -33,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         help="generate the image demo set under ./data/ and sweep it with the packaged sweep_demo.yaml",
     )
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from the finished settings")
+    p.add_argument(
+        "--seeds",
+        help="run the sweep once per seed, e.g. 0,1,2: seed s in <run_dir>/seed_<s> with s added to every job seed "
+        "field, then <run_dir>/report_seeds.md with mean ± sd and the paired differences",
+    )
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. grid.k=[50,200] job.retrain.epochs=4")
     args = p.parse_args(argv)
     from cf_ray.sweep import load_sweep_config, run_sweep
@@ -49,7 +54,15 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"run_dir={args.run_dir}")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     try:
-        out = run_sweep(load_sweep_config(config, overrides), report_only=args.report_only)
+        cfg = load_sweep_config(config, overrides)
+        if args.seeds is None:
+            out = run_sweep(cfg, report_only=args.report_only)
+        else:
+            from cf_ray.cli import command_line
+            from cf_ray.seeds import parse_seeds, run_sweep_seeds
+
+            argv = sys.argv[1:] if argv is None else list(argv)
+            out = run_sweep_seeds(cfg, parse_seeds(args.seeds), args.report_only, command_line(p.prog, argv))
     except (ConfigError, SourceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

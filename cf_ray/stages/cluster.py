@@ -131,6 +131,8 @@ def _faiss_task(cfg: ClusterConfig, features_uri: str, out_uri: str, gpu: bool) 
     faiss.omp_set_num_threads(max(1, int(round(cfg.cpus_per_actor))))
     device, device_note = choose(gpu)
     ids, feats = read_features(features_uri, cfg.layer)
+    order = np.argsort(np.asarray(ids, dtype=object), kind="stable")  # faiss's seeded init picks rows by position
+    ids, feats = [ids[i] for i in order], feats[order]
     n = len(ids)
     _check_size(n, cfg.k, features_uri)
     logger.info(f"cluster: {n} x {feats.shape[1]} features ({cfg.layer}) -> k={cfg.k}, niter={cfg.niter}")

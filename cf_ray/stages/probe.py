@@ -16,9 +16,9 @@ from cf_ray.config import ProbeConfig
 from cf_ray.features import read_features
 
 
-def fit_logreg(x: np.ndarray, y: np.ndarray, num_classes: int, wd: float, steps: int) -> torch.nn.Linear:
+def fit_logreg(x: np.ndarray, y: np.ndarray, num_classes: int, wd: float, steps: int, seed: int = 0) -> torch.nn.Linear:
     """Multinomial logistic regression (y: class index) or, for a 2-D 0/1 ``y``, one-vs-rest (multi-label)."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     lin = torch.nn.Linear(x.shape[1], num_classes)
     opt = torch.optim.LBFGS(lin.parameters(), lr=1, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
@@ -76,9 +76,10 @@ def probe_layer(xtr, ytr, xte, yte, num_classes: int, cfg: ProbeConfig) -> dict:
     val = rng.random(len(xtr)) < cfg.val_fraction
     grid = {}
     for wd in cfg.weight_decays:
-        grid[wd] = metric(fit_logreg(xtr[~val], ytr[~val], num_classes, wd, cfg.epochs), xtr[val], ytr[val])
+        lin = fit_logreg(xtr[~val], ytr[~val], num_classes, wd, cfg.epochs, cfg.seed)
+        grid[wd] = metric(lin, xtr[val], ytr[val])
     best = max(grid, key=lambda w: (np.nan_to_num(grid[w], nan=-1.0), w))
-    lin = fit_logreg(xtr, ytr, num_classes, best, cfg.epochs)
+    lin = fit_logreg(xtr, ytr, num_classes, best, cfg.epochs, cfg.seed)
     test = metric(lin, xte, yte)
     return {
         name: test,
@@ -115,12 +116,19 @@ def encode_labels(ltr: list, lte: list, multi_label: bool, sep: str) -> tuple[np
     return onehot(ltr), onehot(lte), classes
 
 
+def by_id(ids: list, x: np.ndarray, labels: list) -> tuple[np.ndarray, list]:
+    """Rows sorted by item id: the seeded held-out split then picks the same items whatever order extraction
+    wrote its part files in."""
+    order = np.argsort(np.asarray(ids, dtype=object), kind="stable")
+    return x[order], [labels[i] for i in order]
+
+
 def run_probe(cfg: ProbeConfig, train_features_uri: str, test_features_uri: str) -> dict:
     """{layer: {score, top1 or map, ...}} for linear probes trained on one feature set and tested on another."""
     out = {}
     for layer in cfg.layers:
-        _, xtr, ltr = read_features(train_features_uri, layer, with_labels=True)
-        _, xte, lte = read_features(test_features_uri, layer, with_labels=True)
+        xtr, ltr = by_id(*read_features(train_features_uri, layer, with_labels=True))
+        xte, lte = by_id(*read_features(test_features_uri, layer, with_labels=True))
         ytr, yte, classes = encode_labels(ltr, lte, cfg.multi_label, cfg.label_sep)
         out[layer] = probe_layer(xtr, ytr, xte, yte, len(classes), cfg)
         out[layer].update(n_train=len(ytr), n_test=len(yte), dim=int(xtr.shape[1]), classes=len(classes))

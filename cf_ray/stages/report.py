@@ -168,6 +168,21 @@ def software_line() -> str:
     return f"cf_ray {v.pop('cf_ray')}; " + ", ".join(f"{k} {x}" for k, x in v.items()) + "."
 
 
+def seed_lines(run: RunDir) -> list[str]:
+    """Which seed this run is, and that one run's differences are only as good as the spread between seeds."""
+    import yaml
+
+    if not storage.exists(run.path("config.yaml")):
+        return []
+    seed = (yaml.safe_load(storage.read_bytes(run.path("config.yaml"))) or {}).get("seed", 0)
+    return [
+        f"One run, seed {seed}. Runs that differ only in their seed can differ by several points on small "
+        "targets, so a difference here means little on its own: `--seeds 0,1,2` gives mean ± sd over seeds and "
+        "marks the differences that exceed twice the sd of the paired differences (docs/reproducibility.md).",
+        "",
+    ]
+
+
 def run_report(run_dir: str, title: str = "ClusterFit run", targets: list[str] | None = None) -> dict:
     """Report of the run; ``targets``: the transfer targets to show (default: every one the run has done)."""
     run = RunDir(run_dir)
@@ -178,6 +193,7 @@ def run_report(run_dir: str, title: str = "ClusterFit run", targets: list[str] |
     }
     metrics["versions"] = software_versions()
     lines = [f"# {title}", "", software_line(), "", f"Run directory: `{run.root}`", ""]
+    lines += seed_lines(run)
 
     if targets is None:
         targets = [n[len(names.TRANSFER) :] for n in results if n.startswith(names.TRANSFER)]

@@ -357,6 +357,15 @@ def load_head(model_uri: str) -> nn.Linear:
     return head
 
 
+def ordered_ingest():
+    """Ray Train's default ingest options, but blocks reach the workers in the dataset's order."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(execution_options=options)
+
+
 def training_dataset(
     items: pa.Table, media: ImageConfig | VideoConfig, seed: int, block_rows: int = 2048, clips: str = "random"
 ) -> tuple[ray.data.Dataset, pa.Table, int]:
@@ -371,6 +380,9 @@ def training_dataset(
     if isinstance(media, VideoConfig):
         block_rows = min(block_rows, 64)  # a video block is one decode task: small blocks decode in parallel
     ds = items_dataset(items.take(order), block_rows)
+    # Blocks leave decode in item order, not in the order their tasks finish: the same seed then feeds training
+    # the same sequence of items on every run (the datasets below share this context).
+    ds.context.execution_options.preserve_order = True
     decode, kwargs, column = decoder(media)
     if isinstance(media, VideoConfig):
         if clips == "random":
@@ -408,7 +420,8 @@ def train_classifier(
     rotation 4x4 (per rotation of the item, the teacher's probabilities over the 4 rotations), flattened.
     init_from: a training state file (``state.pt`` of a checkpoint) to start from, head included.
     init_backbone: a saved backbone folder to start from (fine-tuning); the head is saved beside the backbone (head.pt).
-    threads: torch threads per worker; default: its share of a local Ray's CPUs (its cpus_per_worker on a cluster).
+    threads: torch threads per worker; default: cfg.torch_threads, or if 0 its share of a local Ray's CPUs (its
+    cpus_per_worker on a cluster).
     step_hook(epoch, step, rank), if given, runs on every worker after each optimizer step (fault-injection
     tests use it). Returns {history, rows, undecodable, best}.
     """
@@ -427,7 +440,8 @@ def train_classifier(
     if rows == 0:
         raise ValueError(f"{name}: none of the {items.num_rows} training images could be decoded")
     gpu = want_gpu(cfg.use_gpu)
-    threads = worker_threads(cfg.num_workers, cfg.cpus_per_worker) if threads is None else threads
+    if threads is None:
+        threads = cfg.torch_threads or worker_threads(cfg.num_workers, cfg.cpus_per_worker)
     logger.info(
         f"{name}: {rows} items ({bad.num_rows} undecodable), task={task}, {num_classes} classes, "
         f"{cfg.num_workers} worker(s) on {'GPU' if gpu else 'CPU'}, {cfg.epochs} epochs"
@@ -464,6 +478,7 @@ def train_classifier(
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
         datasets={"train": ds},
+        dataset_config=ordered_ingest(),
     )
     result = trainer.fit()
     if result.checkpoint is None:

@@ -1,0 +1,244 @@
+"""Several seeds of one job or sweep: mean ± sd of every score, and paired differences with a significance mark.
+
+A difference (e.g. ClusterFit minus pre-trained at one layer) is taken per seed, since both come from the same
+seed's run, and is marked significant only when |mean| > 2 x the sample sd of those per-seed differences
+(``SIGNIFICANCE_RULE``). With fewer than two seeds there is no sd and nothing is marked.
+"""
+
+from __future__ import annotations
+
+import math
+
+from cf_ray import storage
+from cf_ray.stages.report import software_line, software_versions
+
+SIGNIFICANCE_RULE = (
+    "A difference is marked significant (`*`) only when |mean of the per-seed differences| > 2 x their sample sd "
+    "(ddof=1); with fewer than 2 seeds nothing is marked."
+)
+# (minuend, subtrahend) of the paired differences a job's seeds summary shows, per target and layer.
+JOB_COMPARISONS = (("clusterfit", "pretrained"), ("pretrained", "random"))
+
+
+def mean_sd(values: list[float]) -> dict:
+    """{values, n, mean, sd}: sd is the sample sd (ddof=1), None below two values."""
+    n = len(values)
+    mean = sum(values) / n if n else None
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return {"values": list(values), "n": n, "mean": mean, "sd": sd}
+
+
+def paired(a: list[float], b: list[float]) -> dict:
+    """mean ± sd of the per-seed differences a - b, and whether it passes the significance rule."""
+    if len(a) != len(b):
+        raise ValueError(f"paired differences need as many values on each side ({len(a)} vs {len(b)})")
+    out = mean_sd([x - y for x, y in zip(a, b)])
+    out["significant"] = out["sd"] is not None and abs(out["mean"]) > 2 * out["sd"]
+    return out
+
+
+def fmt(stat: dict, scale: float = 100.0, signed: bool = False) -> str:
+    """'53.9 ± 1.2' (points) from a mean_sd / paired dict; '*' after a significant difference."""
+    if stat is None or stat["mean"] is None:
+        return ""
+    spec = "+.1f" if signed else ".1f"
+    text = format(scale * stat["mean"], spec)
+    if stat["sd"] is not None:
+        text += f" ± {scale * stat['sd']:.1f}"
+    return text + (" *" if stat.get("significant") else "")
+
+
+# --- a job's seeds -----------------------------------------------------------------------------------------------
+def summarize_job(per_seed: dict[int, dict]) -> dict:
+    """From each seed's metrics.json ({transfer: {target: {model: {layer: score}}}, ...}): per target, mean ± sd of
+    every model x layer over the seeds, and the paired differences of JOB_COMPARISONS. Only seeds with
+    transfer results for a target count for it."""
+    seeds = sorted(per_seed)
+    targets: dict[str, dict] = {}
+    names = []
+    for s in seeds:
+        names += [t for t in per_seed[s].get("transfer", {}) if t not in names]
+    for t in names:
+        have = [s for s in seeds if t in per_seed[s].get("transfer", {})]
+        runs = [per_seed[s]["transfer"][t] for s in have]
+        models = list(runs[0])
+        layers = list(runs[0][models[0]])
+        scores = {m: {l: mean_sd([r[m][l] for r in runs]) for l in layers} for m in models}
+        diffs = {
+            f"{a} - {b}": {l: paired([r[a][l] for r in runs], [r[b][l] for r in runs]) for l in layers}
+            for a, b in JOB_COMPARISONS
+            if a in models and b in models
+        }
+        metric = per_seed[have[0]].get("transfer_metric", {}).get(t, "top-1")
+        targets[t] = {"seeds": have, "metric": metric, "scores": scores, "differences": diffs}
+    cluster = {}
+    for key in ("nmi", "objective", "imbalance"):
+        vals = [per_seed[s]["cluster"][key] for s in seeds if per_seed[s].get("cluster", {}).get(key) is not None]
+        if vals:
+            cluster[key] = mean_sd(vals)
+    return {"seeds": seeds, "rule": SIGNIFICANCE_RULE, "targets": targets, "cluster": cluster}
+
+
+def job_lines(summary: dict) -> list[str]:
+    lines = []
+    for t, res in summary["targets"].items():
+        scores, diffs = res["scores"], res["differences"]
+        layers = list(next(iter(scores.values())))
+        head = ["layer", *scores, *diffs]
+        lines += [
+            f"## Transfer to {t}",
+            "",
+            f"{res['metric']} (%) of the linear probes, mean ± sd over seeds {', '.join(map(str, res['seeds']))}; "
+            "differences are paired by seed (points).",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|---" * len(head) + "|",
+        ]
+        for l in layers:
+            cells = [fmt(scores[m][l]) for m in scores] + [fmt(diffs[d][l], signed=True) for d in diffs]
+            lines.append(f"| {l} | " + " | ".join(cells) + " |")
+        lines.append("")
+        lines += per_seed_lines(scores, diffs, res["seeds"])
+    return lines
+
+
+def per_seed_lines(scores: dict, diffs: dict, seeds: list[int]) -> list[str]:
+    """The raw per-seed values behind the means (one row per model/difference and layer)."""
+    lines = ["Per seed:", "", "| | layer | " + " | ".join(f"seed {s}" for s in seeds) + " |"]
+    lines.append("|---|---|" + "---|" * len(seeds))
+    for name, table in [*scores.items(), *diffs.items()]:
+        spec = "+.1f" if name in diffs else ".1f"
+        for l, stat in table.items():
+            lines.append(f"| {name} | {l} | " + " | ".join(format(100 * v, spec) for v in stat["values"]) + " |")
+    return lines + [""]
+
+
+def write_job_seeds_report(root: str, seeds: list[int], command: str = "") -> dict:
+    """report_seeds.md and seeds.json in ``root`` from the metrics.json of each ``root/seed_<s>`` that has one."""
+    per_seed, missing = {}, []
+    for s in seeds:
+        path = storage.join(root, f"seed_{s}", "metrics.json")
+        if storage.exists(path):
+            per_seed[s] = storage.read_json(path)
+        else:
+            missing.append(s)
+    summary = summarize_job(per_seed)
+    summary["missing"] = missing
+    lines = [
+        "# ClusterFit over seeds",
+        "",
+        software_line(),
+        "",
+        f"Run directory: `{root}`; one run per seed in `seed_<s>/` (each with its own report.md). "
+        "Seed s adds s to every seed field of the config (docs/reproducibility.md).",
+        "",
+    ]
+    if command:
+        lines += ["Reproduce:", "", "```bash", command, "```", ""]
+    lines += [SIGNIFICANCE_RULE, ""]
+    lines += job_lines(summary)
+    if summary["cluster"]:
+        lines += ["## Clusters", "", "| | mean ± sd | per seed |", "|---|---|---|"]
+        for key, stat in summary["cluster"].items():
+            lines.append(
+                f"| {key} | {stat['mean']:.4g} ± {stat['sd'] or 0:.2g} | "
+                + ", ".join(f"{v:.4g}" for v in stat["values"])
+                + " |"
+            )
+        lines.append("")
+    if missing:
+        lines += [f"Seeds without results yet (rerun the same command): {', '.join(map(str, missing))}.", ""]
+    summary["versions"], summary["command"] = software_versions(), command
+    storage.write_json(storage.join(root, "seeds.json"), summary)
+    storage.write_bytes(storage.join(root, "report_seeds.md"), "\n".join(lines).encode())
+    return {"report": storage.join(root, "report_seeds.md"), "summary": storage.join(root, "seeds.json")}
+
+
+# --- a sweep's seeds ---------------------------------------------------------------------------------------------
+def summarize_sweep(per_seed: dict[int, dict]) -> dict:
+    """From each seed's sweep_results.json: per target, the random / pre-trained references and every row (a
+    ClusterFit setting or control, by its label) as mean ± sd per layer, and each row minus pre-trained, paired by
+    seed. A row counts over the seeds that finished it."""
+    from cf_ray.stages.sweep_report import _label
+
+    seeds = sorted(per_seed)
+    targets: dict[str, dict] = {}
+    for s in seeds:
+        for t, ref in (per_seed[s].get("references", {}).get("pretrained") or {}).items():
+            if ref:
+                targets.setdefault(t, {"layers": list(ref), "rows": {}})
+    for t, out in targets.items():
+        layers = out["layers"]
+        refs = {
+            s: per_seed[s]["references"]
+            for s in seeds
+            if all((per_seed[s]["references"].get(m) or {}).get(t) for m in ("random", "pretrained"))
+        }
+        rows = {m: {s: {l: refs[s][m][t][l]["score"] for l in layers} for s in refs} for m in ("random", "pretrained")}
+        for s in refs:
+            for r in per_seed[s].get("rows", []):
+                if t in r.get("transfer", {}):
+                    rows.setdefault(_label(r), {})[s] = {l: r["transfer"][t][l]["score"] for l in layers}
+        for name, by_seed in rows.items():
+            have = sorted(by_seed)
+            out["rows"][name] = {
+                "seeds": have,
+                "scores": {l: mean_sd([by_seed[s][l] for s in have]) for l in layers},
+                "vs_pretrained": {
+                    l: paired([by_seed[s][l] for s in have], [rows["pretrained"][s][l] for s in have]) for l in layers
+                },
+            }
+    return {"seeds": seeds, "rule": SIGNIFICANCE_RULE, "targets": targets}
+
+
+def sweep_lines(summary: dict) -> list[str]:
+    lines = []
+    for t, res in summary["targets"].items():
+        layers = res["layers"]
+        head = ["row", "seeds", *layers, *[f"{l} vs pre-trained" for l in layers]]
+        lines += [
+            f"## Transfer to {t}",
+            "",
+            "Linear-probe score (%), mean ± sd over the seeds; `vs pre-trained`: the row minus the same seed's "
+            "pre-trained network (points), mean ± sd of the paired differences.",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|---" * len(head) + "|",
+        ]
+        for name, row in res["rows"].items():
+            cells = [name, str(len(row["seeds"]))] + [fmt(row["scores"][l]) for l in layers]
+            cells += ["" if name == "pretrained" else fmt(row["vs_pretrained"][l], signed=True) for l in layers]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def write_sweep_seeds_report(root: str, seeds: list[int], command: str = "") -> dict:
+    """report_seeds.md and seeds.json in ``root`` from each ``root/seed_<s>/sweep_results.json``."""
+    per_seed, missing = {}, []
+    for s in seeds:
+        path = storage.join(root, f"seed_{s}", "sweep_results.json")
+        if storage.exists(path):
+            per_seed[s] = storage.read_json(path)
+        else:
+            missing.append(s)
+    summary = summarize_sweep(per_seed)
+    summary["missing"] = missing
+    lines = [
+        "# ClusterFit sweep over seeds",
+        "",
+        software_line(),
+        "",
+        f"Run directory: `{root}`; one sweep per seed in `seed_<s>/` (each with its own report.md). "
+        "Seed s adds s to every seed field of the job config (docs/reproducibility.md).",
+        "",
+    ]
+    if command:
+        lines += ["Reproduce:", "", "```bash", command, "```", ""]
+    lines += [SIGNIFICANCE_RULE, ""] + sweep_lines(summary)
+    if missing:
+        lines += [f"Seeds without results yet (rerun the same command): {', '.join(map(str, missing))}.", ""]
+    summary["versions"], summary["command"] = software_versions(), command
+    storage.write_json(storage.join(root, "seeds.json"), summary)
+    storage.write_bytes(storage.join(root, "report_seeds.md"), "\n".join(lines).encode())
+    return {"report": storage.join(root, "report_seeds.md"), "summary": storage.join(root, "seeds.json")}
