@@ -21,7 +21,7 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
 
-from benchmarks.extract_compare import compare  # noqa: E402
+from benchmarks.extract_compare import compare, extract_config  # noqa: E402
 
 
 class Images(torch.utils.data.Dataset):
@@ -63,7 +63,7 @@ def main() -> None:
     p.add_argument("--scaling", action="store_true", help="also run cf_ray on 1 and on 2 actors each round")
     args = p.parse_args()
 
-    from cf_ray.config import ExtractConfig, ImageConfig, ModelConfig
+    from cf_ray.config import ImageConfig, ModelConfig
     from cf_ray.models.checkpoint import build
     from cf_ray.sources import list_items
 
@@ -73,14 +73,7 @@ def main() -> None:
     model_cfg = ModelConfig(arch=args.arch, width=args.width, stem=args.stem)
     model = build(model_cfg, seed=0).eval()
     media = ImageConfig(size=args.size)
-    cfg = ExtractConfig(
-        layers=args.layers.split(","),
-        batch_size=args.batch,
-        block_rows=args.block_rows,
-        num_actors=args.actors,
-        torch_threads=args.actor_threads,
-        decode=args.decode,
-    )
+    cfg = extract_config(args)
     print(
         f"{items.num_rows} images from {args.data}; {args.arch} width {args.width} stem {args.stem} at {args.size}px, "
         f"batch {args.batch}, layers {cfg.layers}; plain: {args.threads} torch threads; cf_ray: extract.num_actors="

@@ -24,7 +24,7 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.extract_compare import compare  # noqa: E402
+from benchmarks.extract_compare import compare, extract_config  # noqa: E402
 
 
 class Videos(torch.utils.data.Dataset):
@@ -73,7 +73,7 @@ def main() -> None:
     p.add_argument("--scaling", action="store_true", help="also run cf_ray on 1 and on 2 actors each round")
     args = p.parse_args()
 
-    from cf_ray.config import ExtractConfig, ModelConfig, VideoConfig
+    from cf_ray.config import ModelConfig, VideoConfig
     from cf_ray.models.checkpoint import build
     from cf_ray.sources import VIDEO_EXTS, list_items
 
@@ -85,14 +85,7 @@ def main() -> None:
     model_cfg = ModelConfig(arch=args.arch, width=args.width, stem=args.stem)
     model = build(model_cfg, seed=0).eval()
     media = VideoConfig(size=args.size, clip_len=args.clip_len, stride=args.stride, num_clips=args.num_clips)
-    cfg = ExtractConfig(
-        layers=args.layers.split(","),
-        batch_size=args.batch,
-        block_rows=args.block_rows,
-        num_actors=args.actors,
-        torch_threads=args.actor_threads,
-        decode=args.decode,
-    )
+    cfg = extract_config(args)
     print(
         f"{len(paths)} videos ({size_mb:.1f} MiB) from {args.data}; {args.num_clips} clips x {args.clip_len} frames "
         f"(stride {args.stride}) at {args.size}px; {args.arch} width {args.width} stem {args.stem}, batch "

@@ -34,6 +34,20 @@ class Side:
         return statistics.median(self.rates)
 
 
+def extract_config(args):
+    """cf_ray's extraction settings from the benchmarks' shared flags."""
+    from cf_ray.config import ExtractConfig
+
+    return ExtractConfig(
+        layers=args.layers.split(","),
+        batch_size=args.batch,
+        block_rows=args.block_rows,
+        num_actors=args.actors,
+        torch_threads=args.actor_threads,
+        decode=args.decode,
+    )
+
+
 def plain_loop(dataset, model, mean, std, layers, batch: int, workers: int, threads: int, video: bool) -> float:
     """items/s of one pass: DataLoader(workers) -> normalize -> forward_features, features kept in memory.
     ``dataset[i]`` is (uint8 pixels, ok); pixels (H,W,3) for images, (clips,T,H,W,3) for videos."""

@@ -113,45 +113,58 @@ def per_seed_lines(scores: dict, diffs: dict, seeds: list[int]) -> list[str]:
     return lines + [""]
 
 
-def write_job_seeds_report(root: str, seeds: list[int], command: str = "") -> dict:
-    """report_seeds.md and seeds.json in ``root`` from the metrics.json of each ``root/seed_<s>`` that has one."""
+def read_seeds(root: str, seeds: list[int], name: str) -> tuple[dict[int, dict], list[int]]:
+    """({seed: the JSON ``root/seed_<s>/<name>``} for the seeds that have it, the seeds that do not)."""
     per_seed, missing = {}, []
     for s in seeds:
-        path = storage.join(root, f"seed_{s}", "metrics.json")
+        path = storage.join(root, f"seed_{s}", name)
         if storage.exists(path):
             per_seed[s] = storage.read_json(path)
         else:
             missing.append(s)
-    summary = summarize_job(per_seed)
-    summary["missing"] = missing
+    return per_seed, missing
+
+
+def write_seeds_report(root: str, title: str, what: str, body: list[str], summary: dict, command: str) -> dict:
+    """report_seeds.md (title, versions, where the runs are, the command, the rule, ``body``, missing seeds) and
+    seeds.json (``summary`` with versions and command) in ``root``."""
     lines = [
-        "# ClusterFit over seeds",
+        f"# {title}",
         "",
         software_line(),
         "",
-        f"Run directory: `{root}`; one run per seed in `seed_<s>/` (each with its own report.md). "
+        f"Run directory: `{root}`; one {what} per seed in `seed_<s>/` (each with its own report.md). "
         "Seed s adds s to every seed field of the config (docs/reproducibility.md).",
         "",
     ]
     if command:
         lines += ["Reproduce:", "", "```bash", command, "```", ""]
-    lines += [SIGNIFICANCE_RULE, ""]
-    lines += job_lines(summary)
-    if summary["cluster"]:
-        lines += ["## Clusters", "", "| | mean ± sd | per seed |", "|---|---|---|"]
-        for key, stat in summary["cluster"].items():
-            lines.append(
-                f"| {key} | {stat['mean']:.4g} ± {stat['sd'] or 0:.2g} | "
-                + ", ".join(f"{v:.4g}" for v in stat["values"])
-                + " |"
-            )
-        lines.append("")
-    if missing:
-        lines += [f"Seeds without results yet (rerun the same command): {', '.join(map(str, missing))}.", ""]
+    lines += [SIGNIFICANCE_RULE, ""] + body
+    if summary["missing"]:
+        missing = ", ".join(map(str, summary["missing"]))
+        lines += [f"Seeds without results yet (rerun the same command): {missing}.", ""]
     summary["versions"], summary["command"] = software_versions(), command
     storage.write_json(storage.join(root, "seeds.json"), summary)
     storage.write_bytes(storage.join(root, "report_seeds.md"), "\n".join(lines).encode())
     return {"report": storage.join(root, "report_seeds.md"), "summary": storage.join(root, "seeds.json")}
+
+
+def write_job_seeds_report(root: str, seeds: list[int], command: str = "") -> dict:
+    """report_seeds.md and seeds.json in ``root`` from the metrics.json of each ``root/seed_<s>`` that has one."""
+    per_seed, missing = read_seeds(root, seeds, "metrics.json")
+    summary = summarize_job(per_seed)
+    summary["missing"] = missing
+    body = job_lines(summary)
+    if summary["cluster"]:
+        body += ["## Clusters", "", "| | mean ± sd | per seed |", "|---|---|---|"]
+        for key, stat in summary["cluster"].items():
+            body.append(
+                f"| {key} | {stat['mean']:.4g} ± {stat['sd'] or 0:.2g} | "
+                + ", ".join(f"{v:.4g}" for v in stat["values"])
+                + " |"
+            )
+        body.append("")
+    return write_seeds_report(root, "ClusterFit over seeds", "run", body, summary, command)
 
 
 # --- a sweep's seeds ---------------------------------------------------------------------------------------------
@@ -215,30 +228,7 @@ def sweep_lines(summary: dict) -> list[str]:
 
 def write_sweep_seeds_report(root: str, seeds: list[int], command: str = "") -> dict:
     """report_seeds.md and seeds.json in ``root`` from each ``root/seed_<s>/sweep_results.json``."""
-    per_seed, missing = {}, []
-    for s in seeds:
-        path = storage.join(root, f"seed_{s}", "sweep_results.json")
-        if storage.exists(path):
-            per_seed[s] = storage.read_json(path)
-        else:
-            missing.append(s)
+    per_seed, missing = read_seeds(root, seeds, "sweep_results.json")
     summary = summarize_sweep(per_seed)
     summary["missing"] = missing
-    lines = [
-        "# ClusterFit sweep over seeds",
-        "",
-        software_line(),
-        "",
-        f"Run directory: `{root}`; one sweep per seed in `seed_<s>/` (each with its own report.md). "
-        "Seed s adds s to every seed field of the job config (docs/reproducibility.md).",
-        "",
-    ]
-    if command:
-        lines += ["Reproduce:", "", "```bash", command, "```", ""]
-    lines += [SIGNIFICANCE_RULE, ""] + sweep_lines(summary)
-    if missing:
-        lines += [f"Seeds without results yet (rerun the same command): {', '.join(map(str, missing))}.", ""]
-    summary["versions"], summary["command"] = software_versions(), command
-    storage.write_json(storage.join(root, "seeds.json"), summary)
-    storage.write_bytes(storage.join(root, "report_seeds.md"), "\n".join(lines).encode())
-    return {"report": storage.join(root, "report_seeds.md"), "summary": storage.join(root, "seeds.json")}
+    return write_seeds_report(root, "ClusterFit sweep over seeds", "sweep", sweep_lines(summary), summary, command)
