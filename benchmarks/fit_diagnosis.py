@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from cf_ray import log, storage  # noqa: E402
 from cf_ray.api import read_run_config, run_media  # noqa: E402
-from cf_ray.features import read_table  # noqa: E402
+from cf_ray.features import clip_column, read_table  # noqa: E402
 from cf_ray.kmeans.core import l2_normalize, nearest, pca_whiten_apply  # noqa: E402
 from cf_ray.media.decode import normalize  # noqa: E402
 from cf_ray.media.items import read_items  # noqa: E402
@@ -62,8 +62,8 @@ def _matrix(col) -> np.ndarray:
 def clip_labels(run: str, cfg: dict) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(ids, video cluster (n,), each extracted clip's nearest video-level centroid (n, clips))."""
     layer = cfg["cluster"]["layer"]
-    t = read_table(storage.join(run, "features", "pretrained", "source"), ["id", f"clipfeat_{layer}"])
-    x = _matrix(t[f"clipfeat_{layer}"])
+    t = read_table(storage.join(run, "features", "pretrained", "source"), ["id", clip_column(layer)])
+    x = _matrix(t[clip_column(layer)])
     n, clips, d = x.shape
     x = x.reshape(-1, d).astype(np.float32)
     if cfg["cluster"].get("l2_normalize", True):

@@ -30,6 +30,11 @@ def column(layer: str) -> str:
     return f"feat_{layer}"
 
 
+def clip_column(layer: str) -> str:
+    """The per-clip features of a video (extract.clip_features): clips x dim per row."""
+    return f"clipfeat_{layer}"
+
+
 # --- writing ---------------------------------------------------------------------------------------------------
 def feature_column(values: np.ndarray, ok: np.ndarray) -> pa.Array:
     """(n_ok, d) features for the rows where ok -> a length-n fixed-size-list column, null elsewhere."""
@@ -60,7 +65,7 @@ def feature_table(ids, paths, labels, errors, feats: dict[str, np.ndarray], ok: 
     }
     for key, values in feats.items():
         if key.startswith("clip:"):
-            cols[f"clipfeat_{key[5:]}"] = clip_feature_column(values, ok)
+            cols[clip_column(key[5:])] = clip_feature_column(values, ok)
         else:
             cols[column(key)] = feature_column(values, ok)
     return pa.table(cols)

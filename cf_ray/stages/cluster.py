@@ -208,19 +208,15 @@ def _cluster_ray(cfg: ClusterConfig, features_uri: str, out_uri: str) -> dict:
     return stats
 
 
-def clip_column(layer: str) -> str:
-    return f"clipfeat_{layer}"
-
-
 def features_uri_has_clips(features_uri: str, layer: str) -> bool:
-    from cf_ray.features import dataset
+    from cf_ray.features import clip_column, dataset
 
     return clip_column(layer) in dataset(features_uri).schema.names
 
 
 def _clip_task(cfg: ClusterConfig, features_uri: str, out_uri: str) -> dict:
     """Assign every clip of every video to the video-level centroids; write clip_assignments.parquet."""
-    from cf_ray.features import read_table
+    from cf_ray.features import clip_column, read_table
     from cf_ray.kmeans.core import l2_normalize, pca_whiten_apply
 
     t = read_table(features_uri, ["id", clip_column(cfg.layer)])

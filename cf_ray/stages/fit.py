@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from cf_ray.features import dataset, read_table
+from cf_ray.features import clip_column, dataset, read_table
 from cf_ray.train.loop import load_head
 
 LAYER = "res5"  # the backbone's output, which the head reads
@@ -47,7 +47,7 @@ def pseudo_label_fit(
     """{"items", "fit"} and, with per-clip features and ``clip_assignments`` (id, clusters), "clip_fit" (each clip
     against its own cluster) and "clip_fit_video_label" (each clip against its video's cluster)."""
     head = load_head(model_uri)
-    clip_col = f"clipfeat_{LAYER}"
+    clip_col = clip_column(LAYER)
     per_clip = clip_assignments is not None and clip_col in dataset(features_uri).schema.names
     t = read_table(features_uri, ["id", f"feat_{LAYER}"] + ([clip_col] if per_clip else []))
     ids = t["id"].to_pylist()
