@@ -109,11 +109,29 @@ class SweepConfig(_Strict):
         None,
         description="Another job run directory on the same source items (extract_source done), for fuse:<tap> layers.",
     )
+    noise_levels: list[float] = Field(
+        [],
+        description="The label-noise curve (the paper's control experiment): the whole sweep once per level, with "
+        "job.pretrain.label_noise set to it (job.pretrain.source=labels, no base_run), in <run_dir>/noise_<level>; "
+        "then report_noise.md: each row's gain over the pre-trained network against the noise. Empty: one sweep.",
+    )
 
     @model_validator(mode="after")
     def _fuse_needs_run(self) -> "SweepConfig":
         if any(l.startswith(FUSE) for l in self.grid.layer) and not self.fuse_run:
             raise ValueError("grid.layer has fuse:<tap> entries but fuse_run is not set")
+        return self
+
+    @model_validator(mode="after")
+    def _noise_levels(self) -> "SweepConfig":
+        if not self.noise_levels:
+            return self
+        if self.job.pretrain.source != "labels":
+            raise ValueError("noise_levels needs job.pretrain.source=labels (pre-training on the noisy labels)")
+        if self.base_run:
+            raise ValueError("noise_levels pre-trains once per level: drop base_run")
+        if any(not 0 <= n < 1 for n in self.noise_levels) or len(set(self.noise_levels)) != len(self.noise_levels):
+            raise ValueError(f"noise_levels {self.noise_levels}: give distinct fractions in [0, 1), e.g. [0, 0.5]")
         return self
 
 

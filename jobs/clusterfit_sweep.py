@@ -4,6 +4,8 @@ Reuses one pre-trained network and its source features for a grid of ClusterFit 
 clustered, retraining epochs, retrained model) and the paper's controls; writes one table and one plot per
 target into <run_dir>/report.md. Rerunning the same command resumes; --report-only rewrites the report
 from what has finished. --demo runs the packaged sweep_demo.yaml (cf_ray/configs/) on the generated image demo set.
+A config with noise_levels (e.g. sweep_cifar10_noise.yaml) runs the sweep once per label-noise level and seed and
+writes the label-noise curve, <run_dir>/report_noise.md.
 """
 
 import argparse
@@ -55,14 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     try:
         cfg = load_sweep_config(config, overrides)
-        if args.seeds is None:
+        from cf_ray.cli import command_line
+        from cf_ray.seeds import parse_seeds, run_sweep_seeds
+
+        command = command_line(p.prog, sys.argv[1:] if argv is None else list(argv))
+        if cfg.noise_levels:
+            from cf_ray.noise_curve import run_noise_curve
+
+            out = run_noise_curve(cfg, parse_seeds(args.seeds or "0"), args.report_only, command)
+        elif args.seeds is None:
             out = run_sweep(cfg, report_only=args.report_only)
         else:
-            from cf_ray.cli import command_line
-            from cf_ray.seeds import parse_seeds, run_sweep_seeds
-
-            argv = sys.argv[1:] if argv is None else list(argv)
-            out = run_sweep_seeds(cfg, parse_seeds(args.seeds), args.report_only, command_line(p.prog, argv))
+            out = run_sweep_seeds(cfg, parse_seeds(args.seeds), args.report_only, command)
     except (ConfigError, SourceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

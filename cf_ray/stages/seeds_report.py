@@ -125,15 +125,24 @@ def read_seeds(root: str, seeds: list[int], name: str) -> tuple[dict[int, dict],
     return per_seed, missing
 
 
-def write_seeds_report(root: str, title: str, what: str, body: list[str], summary: dict, command: str) -> dict:
-    """report_seeds.md (title, versions, where the runs are, the command, the rule, ``body``, missing seeds) and
-    seeds.json (``summary`` with versions and command) in ``root``."""
+def write_seeds_report(
+    root: str,
+    title: str,
+    what: str,
+    body: list[str],
+    summary: dict,
+    command: str,
+    layout: str = "seed_<s>/",
+    name: str = "seeds",
+) -> dict:
+    """report_<name>.md (title, versions, where the runs are, the command, the rule, ``body``, missing seeds) and
+    <name>.json (``summary`` with versions and command) in ``root``."""
     lines = [
         f"# {title}",
         "",
         software_line(),
         "",
-        f"Run directory: `{root}`; one {what} per seed in `seed_<s>/` (each with its own report.md). "
+        f"Run directory: `{root}`; one {what} per seed in `{layout}` (each with its own report.md). "
         "Seed s adds s to every seed field of the config (docs/reproducibility.md).",
         "",
     ]
@@ -144,9 +153,10 @@ def write_seeds_report(root: str, title: str, what: str, body: list[str], summar
         missing = ", ".join(map(str, summary["missing"]))
         lines += [f"Seeds without results yet (rerun the same command): {missing}.", ""]
     summary["versions"], summary["command"] = software_versions(), command
-    storage.write_json(storage.join(root, "seeds.json"), summary)
-    storage.write_bytes(storage.join(root, "report_seeds.md"), "\n".join(lines).encode())
-    return {"report": storage.join(root, "report_seeds.md"), "summary": storage.join(root, "seeds.json")}
+    report, data = storage.join(root, f"report_{name}.md"), storage.join(root, f"{name}.json")
+    storage.write_json(data, summary)
+    storage.write_bytes(report, "\n".join(lines).encode())
+    return {"report": report, "summary": data}
 
 
 def write_job_seeds_report(root: str, seeds: list[int], command: str = "") -> dict:
