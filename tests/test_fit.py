@@ -88,6 +88,8 @@ def test_verdict_names_the_fit_of_the_targets_the_retraining_had():
     hist = [{"acc": 0.3}]
     fit = {"fit": 0.45, "clip_fit": 0.35}
     assert "fits only 30% of its own pseudo-labels (in training)" in _verdict(transfer, {"retrain": {"history": hist}})
+    assert _verdict(transfer, {}).startswith("Last layer, where the paper expects the gain: ClusterFit res5 40.0 vs ")
+    assert "pre-trained res5 50.0 (-10.0 points)." in _verdict(transfer, {})
     per_video = _verdict(transfer, {"retrain": {"history": hist, "fit": fit, "clip_targets": False}})
     assert "fits only 45% of its own pseudo-labels (on the clustered views)" in per_video
     per_clip = _verdict(transfer, {"retrain": {"history": hist, "fit": fit, "clip_targets": True}})

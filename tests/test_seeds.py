@@ -127,6 +127,8 @@ def test_job_seeds_report_files(tmp_path):
     # res4: diffs +3, +4 points -> mean 3.5, sd 0.7: significant; res5: +10, -6 -> not
     assert "| res4 | 30.0 ± 0.0 | 50.0 ± 0.0 | 53.5 ± 0.7 | +3.5 ± 0.7 * |" in text
     assert "| res5 |" in text and "+2.0 ± 11.3 |" in text
+    last = "ClusterFit res5 52.0 ± 11.3 vs pre-trained 50.0 ± 0.0, paired difference +2.0 ± 11.3 points: not beyond"
+    assert last in text
 
 
 def _sweep_results(pre: float, row: float) -> dict:

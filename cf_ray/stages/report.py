@@ -120,7 +120,11 @@ def _verdict(transfer: dict, results: dict) -> str:
     deltas = {l: _score(transfer["clusterfit"][l]) - _score(transfer["pretrained"][l]) for l in transfer["pretrained"]}
     wins = [l for l, d in deltas.items() if d > 0]
     best = max(deltas, key=deltas.get)
+    last = list(deltas)[-1]
+    cf, pre = (100 * _score(transfer[m][last]) for m in ("clusterfit", "pretrained"))
     text = (
+        f"Last layer, where the paper expects the gain: ClusterFit {last} {cf:.1f} vs pre-trained {last} {pre:.1f} "
+        f"({100 * deltas[last]:+.1f} points). "
         f"ClusterFit beats the pre-trained network on {len(wins)} of {len(deltas)} layers "
         f"(best {best}: {100 * deltas[best]:+.1f} points)."
     )

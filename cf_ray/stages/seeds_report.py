@@ -98,6 +98,15 @@ def job_lines(summary: dict) -> list[str]:
             cells = [fmt(scores[m][l]) for m in scores] + [fmt(diffs[d][l], signed=True) for d in diffs]
             lines.append(f"| {l} | " + " | ".join(cells) + " |")
         lines.append("")
+        gain = diffs.get("clusterfit - pretrained", {}).get(layers[-1])
+        if gain:
+            verdict = "beyond" if gain["significant"] else "not beyond"
+            lines += [
+                f"Last layer, where the paper expects the gain: ClusterFit {layers[-1]} "
+                f"{fmt(scores['clusterfit'][layers[-1]])} vs pre-trained {fmt(scores['pretrained'][layers[-1]])}, "
+                f"paired difference {fmt(gain, signed=True)} points: {verdict} the seed-to-seed spread.",
+                "",
+            ]
         lines += per_seed_lines(scores, diffs, res["seeds"])
     return lines
 
