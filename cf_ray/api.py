@@ -94,6 +94,15 @@ def own_centroids_dir(run_dir: str, which: str, layer: str) -> str:
     return storage.join(run_dir, OWN_DIR, f"{which}_{layer}")
 
 
+def own_features_dir(run_dir: str, which: str, layer: str) -> str:
+    """Where network ``which``'s own features of the run's source data are (what `cf-ray index --run-dir` indexes
+    and Serve searches by default): the job's extraction for the pre-trained network, else those
+    build_own_centroids extracts."""
+    if which == "pretrained":
+        return storage.join(run_dir, "features", "pretrained", "source")
+    return storage.join(own_centroids_dir(run_dir, which, layer), "features")
+
+
 # --------------------------------------------------------------------------- centroids
 
 

@@ -88,7 +88,7 @@ def _embed(a) -> None:
 
 def _index(a) -> None:
     from cf_ray import storage
-    from cf_ray.api import ApiError, build_own_centroids, check_run_dir
+    from cf_ray.api import ApiError, build_own_centroids, check_run_dir, own_features_dir
     from cf_ray.index import build_index
 
     if bool(a.features) == bool(a.run_dir):
@@ -96,7 +96,7 @@ def _index(a) -> None:
     uri = a.features
     if a.run_dir:
         run = check_run_dir(a.run_dir)
-        pre = storage.join(run, "features", "pretrained", "source")
+        pre = own_features_dir(run, "pretrained", a.layer)
         if a.model == "pretrained" and storage.exists(storage.join(pre, "_SUCCESS.json")):
             uri = pre
         else:

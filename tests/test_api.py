@@ -210,3 +210,12 @@ def test_torch_assignment_equals_faiss():
         (l1, d1), (l2, d2) = c.assign(x), c.assign(x, backend="torch")
         assert (l1 == l2).mean() > 0.999
         np.testing.assert_allclose(d1, d2, atol=1e-4)
+
+
+def test_own_features_dir_is_where_index_and_serve_look():
+    """One rule for `cf-ray index --run-dir` and Serve's default index: the job's extraction for the pre-trained
+    network, the folder build_own_centroids writes for any other."""
+    from cf_ray.api import OWN_DIR, own_features_dir
+
+    assert own_features_dir("runs/r", "pretrained", "res4") == "runs/r/features/pretrained/source"
+    assert own_features_dir("runs/r", "clusterfit", "res4") == f"runs/r/{OWN_DIR}/clusterfit_res4/features"

@@ -104,16 +104,6 @@ class Decoder:
 # --------------------------------------------------------------------------- the model (GPU where there is one)
 
 
-def default_features(run_dir: str, which: str, layer: str) -> str:
-    """The served network's own features of the run's source data, where ``cf-ray index --run-dir R --model M``
-    puts its index: the extraction's (pre-trained) or those ``cf_ray.api.build_own_centroids`` extracted."""
-    from cf_ray.api import own_centroids_dir
-
-    if which == "pretrained":
-        return storage.join(run_dir, "features", "pretrained", "source")
-    return storage.join(own_centroids_dir(run_dir, which, layer), "features")
-
-
 @serve.deployment
 class ModelServer:
     """One run's network: batched forward passes, then assignment to its centroids and nearest-neighbour search."""
@@ -144,9 +134,10 @@ class ModelServer:
 
     def _searcher(self, run_dir: str):
         """The stored index (cf-ray index) of this network's embeddings at the default layer, or (None, why not)."""
+        from cf_ray.api import own_features_dir
         from cf_ray.index import Searcher
 
-        uri = self.cfg.index or default_features(run_dir, self.cfg.which, self.layer)
+        uri = self.cfg.index or own_features_dir(run_dir, self.cfg.which, self.layer)
         build = f"cf-ray index --run-dir {run_dir} --model {self.cfg.which} --layer {self.layer}"
         try:
             s = Searcher(uri)
