@@ -42,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. grid.k=[50,200] job.retrain.epochs=4")
     args = p.parse_args(argv)
+    from cf_ray import log
     from cf_ray.sweep import load_sweep_config, run_sweep
+
+    log.setup()  # the driver's progress lines (settings, transfer, seeds, noise levels); workers set up their own
 
     overrides, config = list(args.overrides), args.config
     if args.demo:

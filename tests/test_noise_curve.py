@@ -100,6 +100,7 @@ def test_noise_curve_end_to_end_and_resume(ray_session, tmp_path):
     res = subprocess.run(script + args, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "report_noise.md" in res.stdout and not (run / "noise_0" / "seed_1").exists()
+    assert "noise curve: noise 0.5, seed 1 (4 of 4)" in res.stdout  # the driver's progress lines are shown
     text = (run / "report_noise.md").read_text()
     assert "Seeds without results yet (rerun the same command): noise 0 seed 1, noise 0.5 seed 1." in text
     assert "--report-only --seeds 0,1" in text
