@@ -92,6 +92,7 @@ def noise_lines(summary: dict, plots: dict[str, str], levels: list[float]) -> li
 def plot_noise(res: dict, levels: list[float], title: str, path: str) -> None:
     """Top: the reference and row scores against the noise; bottom: each row's gain over pre-trained."""
     layers, rows = res["layers"], res["rows"]
+    colour = {name: f"C{i % 10}" for i, name in enumerate(rows)}  # one colour per row in both panels
     fig, axes = plt.subplots(2, len(layers), figsize=(4.5 * len(layers), 7), squeeze=False, sharex=True)
     for j, l in enumerate(layers):
         top, bottom = axes[0][j], axes[1][j]
@@ -100,18 +101,17 @@ def plot_noise(res: dict, levels: list[float], title: str, path: str) -> None:
             ys = [100 * by_level[lv]["scores"][l]["mean"] for lv in xs]
             err = [100 * (by_level[lv]["scores"][l]["sd"] or 0) for lv in xs]
             style = "--" if name in REFERENCES else "-"
-            top.errorbar(xs, ys, yerr=err, fmt=style + "o", capsize=3, label=name, markersize=4)
+            top.errorbar(xs, ys, yerr=err, fmt=style + "o", capsize=3, label=name, markersize=4, color=colour[name])
             if name not in REFERENCES:
                 gains = [100 * by_level[lv]["gain"][l]["mean"] for lv in xs]
                 gerr = [100 * (by_level[lv]["gain"][l]["sd"] or 0) for lv in xs]
-                bottom.errorbar(xs, gains, yerr=gerr, fmt="-o", capsize=3, label=name, markersize=4)
+                bottom.errorbar(xs, gains, yerr=gerr, fmt="-o", capsize=3, markersize=4, color=colour[name])
         bottom.axhline(0, color="grey", linewidth=1)
         top.set_title(f"{title}, {l}")
         top.set_ylabel("probe score (%)")
         bottom.set_ylabel("gain over pre-trained (points)")
         bottom.set_xlabel("label noise in pre-training")
     axes[0][0].legend(fontsize=7)
-    axes[1][0].legend(fontsize=7)
     _save(fig, path)
 
 
