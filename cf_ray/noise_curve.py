@@ -45,6 +45,9 @@ def run_noise_curve(cfg, seeds: list[int], report_only: bool = False, command: s
                 continue
             run_sweep(at, report_only=report_only)
     root = storage.absolute(cfg.run_dir)
+    previous = storage.join(root, "noise.json")
+    if report_only and storage.exists(previous):
+        command = storage.read_json(previous).get("command") or command  # the command that made the runs
     for level in levels:
         write_sweep_seeds_report(noise_dir(root, level), seeds, command)
     out = write_noise_report(root, levels, seeds, command)

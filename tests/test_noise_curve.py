@@ -20,7 +20,11 @@ def _results(pre: float, cf: float) -> dict:
     """A sweep_results.json with one target and layer: random 0.2, pre-trained ``pre``, one setting ``cf``."""
     ref = lambda v: {"target": {"res5": {"score": v}}}  # noqa: E731
     setting = {"kind": "clusterfit", "k": 6, "layer": "res5", "epochs": 1, "model": {"arch": "resnet_tiny", "width": 8}}
-    return {"references": {"random": ref(0.2), "pretrained": ref(pre)}, "rows": [{**setting, "transfer": ref(cf)}]}
+    control = {"kind": "distill", "epochs": 1, "transfer": ref(pre + 0.01)}  # one point above pre-trained
+    return {
+        "references": {"random": ref(0.2), "pretrained": ref(pre)},
+        "rows": [{**setting, "transfer": ref(cf)}, control],
+    }
 
 
 def test_gain_per_level_and_its_trend_are_paired_by_seed(tmp_path):
@@ -47,6 +51,8 @@ def test_gain_per_level_and_its_trend_are_paired_by_seed(tmp_path):
     text = Path(out["report"]).read_text()
     assert f"| {LABEL} | res5 | -3.0 ± 1.4 * | +2.0 ± 1.4 |  | +5.0 ± 2.8 |" in text
     assert "| pretrained | res5 | 55.0 ± 7.1 | 35.0 ± 7.1 |  |" in text
+    # ClusterFit minus the control, paired by seed: noise 0: -3, -5 points; noise 0.5: 0, +2 points.
+    assert f"| {LABEL} - control: distillation 1ep | res5 | -4.0 ± 1.4 * | +1.0 ± 1.4 |  |" in text
     assert "noise 0.75 seed 0, noise 0.75 seed 1" in text  # what is still owed is listed
     assert (tmp_path / "plots" / "noise_target.png").stat().st_size > 1000
     assert json.loads(Path(out["summary"]).read_text())["levels"] == [0.0, 0.5]

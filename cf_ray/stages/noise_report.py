@@ -3,6 +3,8 @@ seed) at every noise level, the change of that gain from the lowest to the highe
 
 from __future__ import annotations
 
+import itertools
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -47,7 +49,26 @@ def summarize_noise(per_level: dict[float, dict[int, dict]]) -> dict:
                 )
                 for l in out["layers"]
             } | {"from": have[0], "to": have[-1], "seeds": common}
+        out["versus"] = versus_controls(out["rows"], out["layers"])
     return {"levels": levels, "targets": targets}
+
+
+def _aligned(a: dict, b: dict, layer: str) -> tuple[list[float], list[float]]:
+    """Two rows' scores at one level and layer, over the seeds both finished, in seed order."""
+    common = sorted(set(a["seeds"]) & set(b["seeds"]))
+    pick = lambda r: [r["scores"][layer]["values"][r["seeds"].index(s)] for s in common]  # noqa: E731
+    return pick(a), pick(b)
+
+
+def versus_controls(rows: dict, layers: list[str]) -> dict:
+    """The paper's claim (c): every ClusterFit row minus every control row, per level and layer, paired by seed."""
+    fits = [n for n in rows if n.startswith("ClusterFit")]
+    controls = [n for n in rows if n.startswith("control")]
+    out = {}
+    for f, c in itertools.product(fits, controls):
+        levels = [lv for lv in rows[f] if lv in rows[c]]
+        out[f"{f} - {c}"] = {lv: {l: paired(*_aligned(rows[f][lv], rows[c][lv], l)) for l in layers} for lv in levels}
+    return out
 
 
 def noise_lines(summary: dict, plots: dict[str, str], levels: list[float]) -> list[str]:
@@ -85,6 +106,19 @@ def noise_lines(summary: dict, plots: dict[str, str], levels: list[float]) -> li
                 trend = res["trend"].get(name)
                 cells.append(fmt(trend[l], signed=True) if trend else "")
                 lines.append(f"| {name} | {l} | " + " | ".join(cells) + " |")
+        if res["versus"]:
+            lines += [
+                "",
+                "ClusterFit minus each same-compute control (points), paired by seed (> 0: ClusterFit transfers better "
+                "than spending its compute on more pre-training or on distillation):",
+                "",
+                "| comparison | layer | " + " | ".join(cols) + " |",
+                "|---|---|" + "---|" * len(cols),
+            ]
+            for name, by_level in res["versus"].items():
+                for l in layers:
+                    cells = [fmt(by_level[lv][l], signed=True) if lv in by_level else "" for lv in levels]
+                    lines.append(f"| {name} | {l} | " + " | ".join(cells) + " |")
         lines += ["", f"![{t}]({plots[t]})", ""]
     return lines
 
