@@ -69,44 +69,43 @@ def test_noise_levels_config_errors(tmp_path):
 
 
 def test_noise_curve_end_to_end_and_resume(ray_session, tmp_path):
-    """Two noise levels, one seed, tiny images: each level pre-trains on its own flipped labels, the report has the
-    curve, a rerun trains nothing, and the sweep script rewrites the report (--report-only, no Ray)."""
-    from cf_ray.noise_curve import run_noise_curve
+    """One real noise level (the levels' arithmetic is the test above), one seed, tiny images: the level pre-trains
+    on its own flipped labels in noise_<level>/seed_<s>, the report has its row, a rerun trains nothing, and the
+    sweep script rewrites the report (--report-only, no Ray), listing what is owed."""
+    from cf_ray.noise_curve import run_noise_curve, sweep_at_noise
 
     data, target = make_demo_splits(tmp_path / "data", n_unlabelled=8, n_train=4, n_test=4, size=16)
     run = tmp_path / "run"
-    args = [f"job.data={data}", f"job.target={target}", f"run_dir={run}", "noise_levels=[0,0.5]"]
+    args = [f"job.data={data}", f"job.target={target}", f"run_dir={run}", "noise_levels=[0.5]"]
     args += ["job.pretrain.source=labels", "job.image.size=16", "job.pretrain.train.model.width=8"]
     args += ["job.retrain.model.width=8", "job.pretrain.train.epochs=1", "job.pretrain.train.batch_size=32"]
     args += ["job.retrain.batch_size=32", "job.extract.layers=[res5]", "job.cluster.niter=5", "job.probe.layers=[res5]"]
     args += ["job.probe.epochs=20", "job.probe.weight_decays=[0.001]"]
-    args += ["grid.k=[6]", "grid.layer=[res5]", "grid.epochs=[1]", "controls.longer_pretrain=false"]
+    args += ["grid.k=[6]", "grid.layer=[res5]", "grid.epochs=[1]"]
+    args += ["controls.longer_pretrain=false", "controls.distill=false"]  # the controls' rows: the test above
     cfg = load_sweep_config(None, args)
+    assert sweep_at_noise(cfg, 0.25).job.pretrain.label_noise == 0.25 and cfg.job.pretrain.label_noise == 0
     out = run_noise_curve(cfg, [0], command="the command")
     assert out["report"] == str(run / "report_noise.md")
-    flipped = {}
-    for level in ("0", "0.5"):
-        seed = run / f"noise_{level}" / "seed_0"
-        written = (seed / "sweep.yaml").read_text().replace("label_noise: 0.0", "label_noise: 0")
-        assert f"label_noise: {level}\n" in written
-        pre = json.loads((seed / "manifest.json").read_text())["stages"]["pretrain"]["result"]
-        flipped[level] = pre["flipped"]
-        assert (run / f"noise_{level}" / "report_seeds.md").exists()
-    assert flipped["0"] == 0 and flipped["0.5"] == 24  # half of the 48 source images
+    seed = run / "noise_0.5" / "seed_0"
+    assert "label_noise: 0.5\n" in (seed / "sweep.yaml").read_text()
+    pre = json.loads((seed / "manifest.json").read_text())["stages"]["pretrain"]["result"]
+    assert pre["flipped"] == 24  # half of the 48 source images
+    assert (run / "noise_0.5" / "report_seeds.md").exists()
     text = (run / "report_noise.md").read_text()
-    assert f"| {LABEL} | res5 |" in text and "| control: distillation 1ep | res5 |" in text
+    assert f"| {LABEL} | res5 |" in text and "| pretrained | res5 |" in text
     assert "Seeds without results yet" not in text and (run / "plots" / "noise_target.png").exists()
 
-    model = run / "noise_0.5" / "seed_0" / "settings" / "k6_res5_e1_resnet_tiny-w8" / "models" / "clusterfit"
+    model = seed / "settings" / "k6_res5_e1_resnet_tiny-w8" / "models" / "clusterfit"
     mtime = (model / "backbone.pt").stat().st_mtime
-    run_noise_curve(cfg, [0])
+    run_noise_curve(cfg, [0], command="the command")
     assert (model / "backbone.pt").stat().st_mtime == mtime
 
     script = [sys.executable, str(ROOT / "jobs" / "clusterfit_sweep.py"), "--report-only", "--seeds", "0,1"]
     res = subprocess.run(script + args, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "report_noise.md" in res.stdout and not (run / "noise_0" / "seed_1").exists()
-    assert "noise curve: noise 0.5, seed 1 (4 of 4)" in res.stdout  # the driver's progress lines are shown
+    assert "report_noise.md" in res.stdout and not (run / "noise_0.5" / "seed_1").exists()
+    assert "noise curve: noise 0.5, seed 1 (2 of 2)" in res.stdout  # the driver's progress lines are shown
     text = (run / "report_noise.md").read_text()
-    assert "Seeds without results yet (rerun the same command): noise 0 seed 1, noise 0.5 seed 1." in text
+    assert "Seeds without results yet (rerun the same command): noise 0.5 seed 1." in text
     assert "the command" in text and "--report-only" not in text  # the command that made the runs is kept
