@@ -41,22 +41,16 @@ def summarize_noise(per_level: dict[float, dict[int, dict]]) -> dict:
             if name == "pretrained" or len(have) < 2:
                 continue
             lo, hi = by_level[have[0]], by_level[have[-1]]
-            common = sorted(set(lo["seeds"]) & set(hi["seeds"]))
-            out["trend"][name] = {
-                l: paired(
-                    [hi["gain"][l]["values"][hi["seeds"].index(s)] for s in common],
-                    [lo["gain"][l]["values"][lo["seeds"].index(s)] for s in common],
-                )
-                for l in out["layers"]
-            } | {"from": have[0], "to": have[-1], "seeds": common}
+            out["trend"][name] = {l: paired(*_aligned(hi, lo, "gain", l)) for l in out["layers"]}
         out["versus"] = versus_controls(out["rows"], out["layers"])
     return {"levels": levels, "targets": targets}
 
 
-def _aligned(a: dict, b: dict, layer: str) -> tuple[list[float], list[float]]:
-    """Two rows' scores at one level and layer, over the seeds both finished, in seed order."""
+def _aligned(a: dict, b: dict, key: str, layer: str) -> tuple[list[float], list[float]]:
+    """Two rows' per-seed ``key`` values ("scores" or "gain") at one layer, over the seeds both finished, in seed
+    order: the two sides of a paired difference."""
     common = sorted(set(a["seeds"]) & set(b["seeds"]))
-    pick = lambda r: [r["scores"][layer]["values"][r["seeds"].index(s)] for s in common]  # noqa: E731
+    pick = lambda r: [r[key][layer]["values"][r["seeds"].index(s)] for s in common]  # noqa: E731
     return pick(a), pick(b)
 
 
@@ -67,7 +61,9 @@ def versus_controls(rows: dict, layers: list[str]) -> dict:
     out = {}
     for f, c in itertools.product(fits, controls):
         levels = [lv for lv in rows[f] if lv in rows[c]]
-        out[f"{f} - {c}"] = {lv: {l: paired(*_aligned(rows[f][lv], rows[c][lv], l)) for l in layers} for lv in levels}
+        out[f"{f} - {c}"] = {
+            lv: {l: paired(*_aligned(rows[f][lv], rows[c][lv], "scores", l)) for l in layers} for lv in levels
+        }
     return out
 
 
