@@ -83,8 +83,10 @@ def run_job_seeds(cfg: JobConfig, seeds: list[int], stage: str = "all", command:
 
 
 def run_sweep_seeds(cfg, seeds: list[int], report_only: bool = False, command: str = "") -> dict:
-    """The sweep once per seed, in ``<run_dir>/seed_<s>`` (job seeds as with_seed; base_run and fuse_run are shared,
-    so with base_run the pre-training is the same for every seed), then the combined table."""
+    """The sweep once per seed, in ``<run_dir>/seed_<s>`` (job seeds as with_seed), then the combined table.
+
+    A base_run (or fuse_run) made by the job's own ``--seeds`` (it holds seed_<s> run directories) gives each seed
+    its own pre-training, ``<base_run>/seed_<s>``; a plain run directory is shared, the same pre-training for all."""
     from cf_ray.stages.seeds_report import write_sweep_seeds_report
     from cf_ray.sweep import run_sweep
 
@@ -96,8 +98,31 @@ def run_sweep_seeds(cfg, seeds: list[int], report_only: bool = False, command: s
     return {"run_dir": storage.absolute(cfg.run_dir), **out}
 
 
+def is_seeded_run(path: str) -> bool:
+    """Whether ``path`` holds per-seed run directories (a job run with --seeds) rather than being one run itself."""
+    if storage.exists(storage.join(path, "manifest.json")):
+        return False
+    seed_0 = storage.join(path, "seed_0", "manifest.json")
+    return storage.exists(storage.join(path, "seeds.json")) or storage.exists(seed_0)
+
+
+def _run_of_seed(path: str | None, seed: int, what: str) -> str | None:
+    if not path or not is_seeded_run(path):
+        return path
+    run = seed_dir(path, seed)
+    if not storage.exists(storage.join(run, "manifest.json")):
+        raise ConfigError(f"{what} {path} has no run for seed {seed} ({run}); run the job there with --seeds first")
+    return run
+
+
 def sweep_with_seed(cfg, seed: int):
-    """A SweepConfig for seed ``seed``: its job's seed fields as with_seed, run_dir ``<run_dir>/seed_<seed>``."""
+    """A SweepConfig for seed ``seed``: its job's seed fields as with_seed, run_dir ``<run_dir>/seed_<seed>``,
+    and a seeded base_run/fuse_run narrowed to that seed's run."""
     return cfg.model_copy(
-        update={"run_dir": seed_dir(cfg.run_dir, seed), "job": with_seed(cfg.job, seed, run_dir=cfg.job.run_dir)}
+        update={
+            "run_dir": seed_dir(cfg.run_dir, seed),
+            "job": with_seed(cfg.job, seed, run_dir=cfg.job.run_dir),
+            "base_run": _run_of_seed(cfg.base_run, seed, "base_run"),
+            "fuse_run": _run_of_seed(cfg.fuse_run, seed, "fuse_run"),
+        }
     )

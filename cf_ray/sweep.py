@@ -36,6 +36,7 @@ from cf_ray.pipeline import (
     stage_retrain,
 )
 from cf_ray.rundir import RunDir
+from cf_ray.seeds import is_seeded_run
 from cf_ray.sources import IMAGE_EXTS, VIDEO_EXTS, load_target, target_splits
 from cf_ray.stages import names
 from cf_ray.stages.cluster import read_assignments, run_cluster
@@ -172,6 +173,12 @@ class Sweep:
                 f"run_dir {cfg.run_dir} is not writable ({e}); pass --run-dir <a writable path>"
             ) from None
         self.paths = Paths(self.run)
+        for what, path in (("base_run", cfg.base_run), ("fuse_run", cfg.fuse_run)):
+            if path and is_seeded_run(path):
+                raise ConfigError(
+                    f"{what} {path} holds one run per seed (seed_0, ...): run the sweep with --seeds (seed s then "
+                    f"uses {path}/seed_<s>), or set {what}={path}/seed_0"
+                )
         if cfg.base_run:
             self.base = RunDir(cfg.base_run)
             missing = [s for s in ("items", "pretrain", "extract_source") if not self.base.is_done(s)]
@@ -446,5 +453,7 @@ def load_sweep_config(path: str | None, overrides: list[str]) -> SweepConfig:
         raise ConfigError("no transfer target: set job.target=<labelled folder> or job.targets.<name>=<folder>")
     for path in [cfg.base_run, cfg.fuse_run]:
         if path and not os.path.exists(os.path.join(path, "manifest.json")) and "://" not in path:
+            if is_seeded_run(path):
+                continue  # per-seed runs: run_sweep_seeds picks <path>/seed_<s>, run_sweep refuses it
             raise ConfigError(f"{path} is not a run directory (no manifest.json)")
     return cfg

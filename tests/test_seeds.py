@@ -56,6 +56,29 @@ def test_every_seed_field_exists_and_the_sweep_maps_its_job():
     assert s1.job.run_dir == base.run_dir and sweep.job.cluster.seed == base.cluster.seed
 
 
+def test_a_base_run_made_with_seeds_gives_each_sweep_seed_its_own_pretraining(tmp_path):
+    from cf_ray.config import ConfigError
+    from cf_ray.sweep import Sweep, load_sweep_config
+
+    base, plain = tmp_path / "cifar10", tmp_path / "plain"
+    for seed in (0, 1):
+        (base / f"seed_{seed}").mkdir(parents=True)
+        (base / f"seed_{seed}" / "manifest.json").write_text('{"stages": {}}')
+    (base / "seeds.json").write_text('{"seeds": [0, 1]}')
+    plain.mkdir()
+    (plain / "manifest.json").write_text('{"stages": {}}')
+    cfg = load_sweep_config(None, [f"base_run={base}", "job.target=y", f"run_dir={tmp_path / 'sw'}"])
+    assert sweep_with_seed(cfg, 1).base_run == str(base / "seed_1")
+    with pytest.raises(ConfigError, match="no run for seed 2"):
+        sweep_with_seed(cfg, 2)
+    with pytest.raises(ConfigError, match="--seeds"):
+        Sweep(cfg)  # one sweep over per-seed runs: which seed's pre-training is meant is not guessed
+    shared = cfg.model_copy(update={"base_run": str(plain)})
+    assert sweep_with_seed(shared, 1).base_run == str(plain)  # a plain run directory is every seed's base
+    with pytest.raises(ConfigError, match="not a run directory"):
+        load_sweep_config(None, [f"base_run={tmp_path / 'sw'}", "job.target=y"])
+
+
 @pytest.mark.parametrize("text, seeds", [("0,1,2", [0, 1, 2]), ("5", [5]), (" 3, 1 ", [3, 1])])
 def test_parse_seeds(text, seeds):
     assert parse_seeds(text) == seeds
