@@ -40,6 +40,7 @@ from cf_ray.seeds import is_seeded_run
 from cf_ray.sources import IMAGE_EXTS, VIDEO_EXTS, load_target, target_splits
 from cf_ray.stages import names
 from cf_ray.stages.cluster import read_assignments, run_cluster
+from cf_ray.stages.extract import ExtractPool
 from cf_ray.stages.probe import run_probe
 from cf_ray.train.tasks import get_task
 
@@ -194,6 +195,18 @@ class Sweep:
         else:
             self.base, self.base_cfg = self.run, cfg.job
         self.base_paths = Paths(self.base)
+        # One set of extraction actors for every extraction of the sweep (each would otherwise start its own, a
+        # fixed cost per network and split); closed while anything else needs the CPUs/GPUs (see _without_pool).
+        self.pool = ExtractPool(cfg.job.extract)
+
+    def _without_pool(self, fn):
+        """``fn`` as a stage body that first frees the extraction actors' CPUs/GPUs (for training, k-means)."""
+
+        def body():
+            self.pool.close()
+            return fn()
+
+        return body
 
     @property
     def extensions(self) -> tuple[str, ...]:
@@ -205,7 +218,7 @@ class Sweep:
 
         cfg, run = self.cfg, self.run
         exts = self.extensions
-        job = Job(cfg.job, run, self.paths)
+        job = Job(cfg.job, run, self.paths, pool=self.pool)
         if cfg.base_run is None:
             check = cfg.job.model_copy(deep=True)
             check.cluster.k = max(cfg.grid.k)  # the largest K is checked against the source size
@@ -214,7 +227,7 @@ class Sweep:
         run.stage("items_targets", lambda: self._write_targets(exts))
         init_ray(cfg.job.ray.num_cpus, cfg.job.ray.object_store_mb)
         if cfg.base_run is None:
-            run.stage("pretrain", lambda: stage_pretrain(job))
+            run.stage("pretrain", self._without_pool(lambda: stage_pretrain(job)))
             run.stage("extract_source", lambda: stage_extract(job, "pretrained", "source"))
         run.stage("cluster_source", self._write_cluster_source)
         for layer in sorted({s["layer"] for s in settings(cfg)}):
@@ -281,7 +294,7 @@ class Sweep:
 
     # --- per model: target features and probes ------------------------------------------------
     def evaluate(self, run: RunDir, paths: Paths, model: str, stage_prefix: str = "") -> dict:
-        job = Job(self.cfg.job, run, paths)
+        job = Job(self.cfg.job, run, paths, pool=self.pool)
         out = {}
         for t, target in self.targets.items():
             for split in names.SPLITS:
@@ -315,8 +328,8 @@ class Sweep:
             )
             return {**res, **cluster_quality(items, read_assignments(paths.cluster))}
 
-        clusters = sub.stage("cluster", cluster)
-        retrain = sub.stage("retrain", lambda: stage_retrain(Job(job, sub, paths)))
+        clusters = sub.stage("cluster", self._without_pool(cluster))
+        retrain = sub.stage("retrain", self._without_pool(lambda: stage_retrain(Job(job, sub, paths))))
         transfer = self.evaluate(sub, paths, "clusterfit")
         return {
             "kind": "clusterfit",
@@ -384,7 +397,7 @@ class Sweep:
                 )
             return {"history": res["history"], "items": res["rows"], "from_state": state}
 
-        trained = sub.stage("train", train)
+        trained = sub.stage("train", self._without_pool(train))
         transfer = self.evaluate(sub, paths, "clusterfit")
         return {
             "kind": name,
@@ -431,15 +444,18 @@ def run_sweep(cfg: SweepConfig, report_only: bool = False) -> dict:
 
     sweep = Sweep(cfg)
     if not report_only:
-        sweep.prepare()
-        grid = settings(cfg)
-        # The first setting, then the controls, then the rest: a sweep stopped early still has its baselines.
-        for s in grid[:1]:
-            sweep.run.stage(f"setting_{s['name']}", lambda s=s: sweep.run_setting(s))
-        for stage, c, e in controls(sweep):
-            sweep.run.stage(stage, lambda c=c, e=e: sweep.run_control(c, e))
-        for s in grid[1:]:
-            sweep.run.stage(f"setting_{s['name']}", lambda s=s: sweep.run_setting(s))
+        try:
+            sweep.prepare()
+            grid = settings(cfg)
+            # The first setting, then the controls, then the rest: a sweep stopped early still has its baselines.
+            for s in grid[:1]:
+                sweep.run.stage(f"setting_{s['name']}", lambda s=s: sweep.run_setting(s))
+            for stage, c, e in controls(sweep):
+                sweep.run.stage(stage, lambda c=c, e=e: sweep.run_control(c, e))
+            for s in grid[1:]:
+                sweep.run.stage(f"setting_{s['name']}", lambda s=s: sweep.run_setting(s))
+        finally:
+            sweep.pool.close()
     report = sweep.run.stage("report", lambda: write_sweep_report(sweep, row_names(sweep)), force=True)
     logger.info(f"sweep report: {report['report']}")
     return {"run_dir": sweep.run.root, **report}
