@@ -416,6 +416,9 @@ class RayConfig(_Strict):
 
     num_cpus: int | None = Field(None, gt=0, description="default: all cores")
     object_store_mb: int = Field(1024, gt=50)
+    dashboard: bool = Field(
+        True, description="Start the local Ray's dashboard (127.0.0.1, 8265 or the next free port); false: none."
+    )
 
 
 class TargetConfig(_Strict):

@@ -7,6 +7,7 @@ Each stage records with one call; outside Ray (plain unit tests, a stage run alo
 from __future__ import annotations
 
 import functools
+import os
 
 import ray
 
@@ -106,14 +107,22 @@ def report_section() -> list[str]:
     from cf_ray.runtime import dashboard_url
 
     url = dashboard_url()
-    where = (
-        f"Ray dashboard of this run: {url} (Jobs: the job log; Data: the named datasets `extract_<model>_<dataset>` "
-        "and `<pretrain|retrain>_train`; Metrics: the series below, with Prometheus/Grafana set up)."
-        if url
-        else "This run started a local Ray without a dashboard; on a cluster (docs/cluster.md) the dashboard "
-        "shows the job "
-        "log, the named datasets and these series live."
-    )
+    datasets = "the named datasets `extract_<model>_<dataset>` and `<pretrain|retrain>_train`"
+    if url and os.environ.get("RAY_ADDRESS"):
+        where = (
+            f"Ray dashboard of this run: {url} (Jobs: the job log; Data: {datasets}; Metrics: the series below, with "
+            "Prometheus/Grafana set up)."
+        )
+    elif url:
+        where = (
+            f"This run's local Ray had its dashboard at {url} while the job ran (Data: {datasets}; Train: the "
+            "training runs). On a cluster (docs/cluster.md) the dashboard also keeps the job log and these series."
+        )
+    else:
+        where = (
+            "This run started a local Ray without a dashboard (ray.dashboard=false); on a cluster (docs/cluster.md) "
+            "the dashboard shows the job log, the named datasets and these series live."
+        )
     lines = ["## Monitoring", "", where, "", "| metric (Prometheus name) | what |", "|---|---|"]
     lines += [f"| `{name}` | {what} |" for name, what in EXPORTED.items()]
     return lines + ["", "Every node exports them at its `--metrics-export-port` (`/metrics`).", ""]

@@ -301,7 +301,7 @@ def open_job(cfg: JobConfig, list_inputs: bool = True, start_ray: bool = True) -
             f"run_dir {cfg.run_dir} is not writable ({e}); pass --run-dir <a writable path or URI>"
         ) from None
     if start_ray:
-        init_ray(cfg.ray.num_cpus, cfg.ray.object_store_mb)
+        init_ray(cfg.ray.num_cpus, cfg.ray.object_store_mb, cfg.ray.dashboard)
         check_cluster(cfg)
     return Job(cfg, run, Paths(run), inputs)
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
+
+logger = logging.getLogger(__name__)
 
 _dashboard: str | None = None  # the cluster's dashboard, when this process joined one
 
@@ -16,10 +19,13 @@ def dashboard_url() -> str | None:
     return _dashboard
 
 
-def init_ray(num_cpus: int | None = None, object_store_mb: int = 1024) -> None:
+def init_ray(num_cpus: int | None = None, object_store_mb: int = 1024, dashboard: bool = True) -> None:
     """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local Ray.
 
-    Inside a submitted job ``ray.init()`` must get no resource arguments.
+    Inside a submitted job ``ray.init()`` must get no resource arguments. A local Ray gets its dashboard (on
+    127.0.0.1, the next free port from 8265) unless ``dashboard`` is false: it is where a laptop run is watched, and
+    Ray Train's placement-group cleaner queries actor state through it (without one it logs a warning every second
+    of every training run).
     """
     global _dashboard
     if ray.is_initialized():
@@ -28,13 +34,16 @@ def init_ray(num_cpus: int | None = None, object_store_mb: int = 1024) -> None:
     if os.environ.get("RAY_ADDRESS"):
         _dashboard = ray.init().dashboard_url or None
     else:
-        ray.init(
+        ctx = ray.init(
             address="local",  # a new local Ray, even if `ray start` left a cluster address behind
             num_cpus=num_cpus or os.cpu_count(),
             object_store_memory=object_store_mb * 2**20,
-            include_dashboard=False,
+            include_dashboard=dashboard,
             log_to_driver=True,
         )
+        _dashboard = ctx.dashboard_url or None
+        if _dashboard:
+            logger.info(f"Ray dashboard of this local Ray (until the job ends): {dashboard_url()}")
 
 
 def step_settings(precision: str, channels_last: str, device_type: str, video: bool):

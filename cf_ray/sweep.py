@@ -225,7 +225,7 @@ class Sweep:
             job.inputs = check_inputs(check)
             run.stage("items", lambda: stage_items(job, ("source",)))
         run.stage("items_targets", lambda: self._write_targets(exts))
-        init_ray(cfg.job.ray.num_cpus, cfg.job.ray.object_store_mb)
+        init_ray(cfg.job.ray.num_cpus, cfg.job.ray.object_store_mb, cfg.job.ray.dashboard)
         if cfg.base_run is None:
             run.stage("pretrain", self._without_pool(lambda: stage_pretrain(job)))
             run.stage("extract_source", lambda: stage_extract(job, "pretrained", "source"))

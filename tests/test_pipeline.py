@@ -142,3 +142,29 @@ def test_consecutive_extractions_share_one_pool_that_training_stages_never_see(r
     assert seen["retrain"] == []
     assert seen["extract_c"][0] > 0 and seen["extract_c"][1] != seen["extract_a"][1]
     assert job.pool is None  # closed at the end
+
+
+def test_a_local_ray_started_by_a_job_has_its_dashboard_and_the_report_says_where(monkeypatch):
+    """Without a dashboard Ray Train's placement-group cleaner cannot query actor state and warns every second of
+    every training run; with one, a laptop run can be watched. ray.dashboard=false still starts none."""
+    import subprocess
+    import sys
+
+    from cf_ray import metrics, runtime
+
+    code = (
+        "import sys; from cf_ray.runtime import init_ray, dashboard_url; "
+        "init_ray(1, 100, dashboard=sys.argv[1] == 'on'); print('URL', dashboard_url())"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    for arg, want in (("on", "URL http://127.0.0.1:"), ("off", "URL None")):
+        r = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, timeout=180, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert want in r.stdout, r.stdout
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(runtime, "_dashboard", "127.0.0.1:8266")
+    text = "\n".join(metrics.report_section())
+    assert "local Ray had its dashboard at http://127.0.0.1:8266 while the job ran" in text
+    monkeypatch.setattr(runtime, "_dashboard", None)
+    assert "without a dashboard (ray.dashboard=false)" in "\n".join(metrics.report_section())
