@@ -38,7 +38,7 @@ def init_ray(num_cpus: int | None = None, object_store_mb: int = 1024, dashboard
             address="local",  # a new local Ray, even if `ray start` left a cluster address behind
             num_cpus=num_cpus or os.cpu_count(),
             object_store_memory=object_store_mb * 2**20,
-            include_dashboard=dashboard,
+            include_dashboard=None if dashboard else False,  # None: Ray's default, start it but not fail without it
             log_to_driver=True,
         )
         _dashboard = ctx.dashboard_url or None
