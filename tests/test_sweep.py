@@ -81,6 +81,10 @@ def test_sweep_reuses_pretraining_and_resumes(ray_session, demo):
         assert all(0 <= v["top1"] <= 1 for v in r["transfer"]["target"].values())
     cluster = res["rows"][0]["cluster"]
     assert 0 <= cluster["nmi"] <= 1 and 1 / 6 <= cluster["purity"] <= 1 and cluster["imbalance"] >= 1
+    # One extraction pool serves consecutive extractions: it starts for the source, then again after each training.
+    markers = [json.loads(p.read_text()) for p in run.glob("**/features/*/*/_SUCCESS.json")]
+    started = [m["pool_start_s"] > 0 for m in markers if "pool_start_s" in m]
+    assert len(started) == 11 and sum(started) == 4  # of 11 extractions
     distill = json.loads((run / "controls" / "distill_e1" / "manifest.json").read_text())["stages"]["train"]["result"]
     assert distill["items"] == 48 and (run / "plots" / "sweep_target.png").stat().st_size > 1000
 
