@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import ray
 
 logger = logging.getLogger(__name__)
 
 _dashboard: str | None = None  # the cluster's dashboard, when this process joined one
+DASHBOARD_PORT = 8265  # Ray's default
 
 
 def dashboard_url() -> str | None:
@@ -23,9 +25,8 @@ def init_ray(num_cpus: int | None = None, object_store_mb: int = 1024, dashboard
     """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local Ray.
 
     Inside a submitted job ``ray.init()`` must get no resource arguments. A local Ray gets its dashboard (on
-    127.0.0.1, the next free port from 8265) unless ``dashboard`` is false: it is where a laptop run is watched, and
-    Ray Train's placement-group cleaner queries actor state through it (without one it logs a warning every second
-    of every training run).
+    127.0.0.1, 8265 or the next free port) unless ``dashboard`` is false: it is where a laptop run is watched, and
+    Ray Train's placement-group cleaner asks it whether the training controller is alive.
     """
     global _dashboard
     if ray.is_initialized():
@@ -33,17 +34,43 @@ def init_ray(num_cpus: int | None = None, object_store_mb: int = 1024, dashboard
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if os.environ.get("RAY_ADDRESS"):
         _dashboard = ray.init().dashboard_url or None
-    else:
-        ctx = ray.init(
-            address="local",  # a new local Ray, even if `ray start` left a cluster address behind
-            num_cpus=num_cpus or os.cpu_count(),
-            object_store_memory=object_store_mb * 2**20,
-            include_dashboard=None if dashboard else False,  # None: Ray's default, start it but not fail without it
-            log_to_driver=True,
+        return
+    port = _free_port(DASHBOARD_PORT) if dashboard else None
+    if port:
+        # Ray's state API finds "the" local Ray by scanning the machine's processes; with another Ray on the machine
+        # the cleaner then asked the wrong one (or none: a warning every second of training) and, told that this
+        # run's controller was gone, removed the training's placement group and killed its worker. The node
+        # processes and workers inherit this variable, so every state query goes to this Ray's own dashboard.
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ctx = ray.init(
+        address="local",  # a new local Ray, even if `ray start` left a cluster address behind
+        num_cpus=num_cpus or os.cpu_count(),
+        object_store_memory=object_store_mb * 2**20,
+        include_dashboard=None if dashboard else False,  # None: Ray's default, start it but not fail without it
+        dashboard_host="127.0.0.1",
+        dashboard_port=port or DASHBOARD_PORT,
+        log_to_driver=True,
+    )
+    _dashboard = ctx.dashboard_url or None
+    if _dashboard:
+        logger.info(f"Ray dashboard of this local Ray (until the job ends): {dashboard_url()}")
+    if port and dashboard_url() != os.environ["RAY_API_SERVER_ADDRESS"]:
+        logger.warning(
+            f"the local Ray's dashboard is at {dashboard_url()}, not at port {port} as planned: Ray Train's placement "
+            "group cleaner may query another Ray on this machine; run one local job at a time"
         )
-        _dashboard = ctx.dashboard_url or None
-        if _dashboard:
-            logger.info(f"Ray dashboard of this local Ray (until the job ends): {dashboard_url()}")
+
+
+def _free_port(start: int, tries: int = 100) -> int | None:
+    """The first port from ``start`` that 127.0.0.1 can bind now (None if none of ``tries`` can)."""
+    for port in range(start, start + tries):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return None
 
 
 def step_settings(precision: str, channels_last: str, device_type: str, video: bool):

@@ -144,23 +144,47 @@ def test_consecutive_extractions_share_one_pool_that_training_stages_never_see(r
     assert job.pool is None  # closed at the end
 
 
-def test_a_local_ray_started_by_a_job_has_its_dashboard_and_the_report_says_where(monkeypatch):
-    """Without a dashboard Ray Train's placement-group cleaner cannot query actor state and warns every second of
-    every training run; with one, a laptop run can be watched. ray.dashboard=false still starts none."""
+def test_a_local_ray_started_by_a_job_has_its_dashboard_and_the_report_says_where(ray_session, monkeypatch):
+    """Ray Train's placement-group cleaner asks the state API whether the controller lives; the state API finds "the"
+    local Ray by scanning processes. With the test session's Ray also on the machine (ray_session) a job's own Ray
+    must still answer for its own actors, from inside its workers. ray.dashboard=false starts no dashboard."""
+    import os
     import subprocess
     import sys
 
     from cf_ray import metrics, runtime
 
-    code = (
-        "import sys; from cf_ray.runtime import init_ray, dashboard_url; "
-        "init_ray(1, 100, dashboard=sys.argv[1] == 'on'); print('URL', dashboard_url())"
-    )
-    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
-    for arg, want in (("on", "URL http://127.0.0.1:"), ("off", "URL None")):
-        r = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, timeout=180, env=env)
-        assert r.returncode == 0, r.stderr[-2000:]
-        assert want in r.stdout, r.stdout
+    code = """
+import sys, ray
+from cf_ray.runtime import init_ray, dashboard_url
+init_ray(1, 100, dashboard=sys.argv[1] == "on")
+print("URL", dashboard_url())
+if sys.argv[1] == "on":
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def ping(self):
+            return 1
+
+    @ray.remote(num_cpus=0)
+    def ask(actor_id):
+        import os
+        from ray.util.state import get_actor
+        state = get_actor(actor_id, timeout=30)
+        return os.environ.get("RAY_API_SERVER_ADDRESS"), state.state if state else None
+
+    a = Probe.remote()
+    ray.get(a.ping.remote())
+    print("STATE", *ray.get(ask.remote(a._actor_id.hex())))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    out = {}
+    for arg in ("on", "off"):
+        r = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, timeout=240, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[arg] = dict(line.split(" ", 1) for line in r.stdout.splitlines() if line.startswith(("URL", "STATE")))
+    url = out["on"]["URL"]
+    assert url.startswith("http://127.0.0.1:") and out["on"]["STATE"] == f"{url} ALIVE"
+    assert out["off"] == {"URL": "None"}
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(runtime, "_dashboard", "127.0.0.1:8266")
