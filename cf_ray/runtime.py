@@ -55,9 +55,10 @@ def init_ray(num_cpus: int | None = None, object_store_mb: int = 1024, dashboard
     if _dashboard:
         logger.info(f"Ray dashboard of this local Ray (until the job ends): {dashboard_url()}")
     if port and dashboard_url() != os.environ["RAY_API_SERVER_ADDRESS"]:
+        where = f"is at {dashboard_url()}, not at port {port} as planned" if _dashboard else "did not start"
         logger.warning(
-            f"the local Ray's dashboard is at {dashboard_url()}, not at port {port} as planned: Ray Train's placement "
-            "group cleaner may query another Ray on this machine; run one local job at a time"
+            f"the local Ray's dashboard {where}: Ray Train's placement-group cleaner may query another Ray on this "
+            "machine; run one local job at a time"
         )
 
 
