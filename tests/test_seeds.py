@@ -163,9 +163,15 @@ def _sweep_results(pre: float, row: float) -> dict:
         "epochs": 8,
         "model": {"arch": "resnet_tiny", "width": 16},
     }
+    control = {"task": "rotation", "model": {"arch": "resnet_tiny", "width": 16}}
     return {
         "references": {"random": ref(0.3), "pretrained": ref(pre)},
-        "rows": [{**setting, "transfer": ref(row)}, {"kind": "distill", "epochs": 2, "transfer": ref(pre - 0.05)}],
+        "rows": [
+            {**setting, "transfer": ref(row)},
+            {**control, "kind": "distill", "epochs": 2, "transfer": ref(pre - 0.05)},  # 2 x 4 rotations = 8 ep
+            {**control, "kind": "longer_pretrain", "epochs": 4, "transfer": ref(row)},  # 16 ep: not a match
+            {**setting, "model": {"arch": "resnet_tiny", "width": 32}, "transfer": ref(row)},  # wider: no control
+        ],
     }
 
 
@@ -179,12 +185,19 @@ def test_sweep_summary_and_report(tmp_path):
     vs = rows[label]["vs_pretrained"]["res5"]
     assert vs["mean"] == pytest.approx(0.04) and vs["significant"]  # +3, +4, +5 points, paired
     assert rows["control: distillation 2ep"]["vs_pretrained"]["res5"]["significant"]  # -5 points each seed
+    # against the same-compute control only (2 RotNet epochs = 8 images' worth), paired: +8, +9, +10 points
+    vs_controls = rows[label]["vs_controls"]
+    assert list(vs_controls) == ["control: distillation 2ep"]
+    assert vs_controls["control: distillation 2ep"]["res5"]["mean"] == pytest.approx(0.09)
+    assert vs_controls["control: distillation 2ep"]["res5"]["significant"]
+    assert rows["ClusterFit K=10 res5 8ep resnet_tiny w32"]["vs_controls"] == {}
     for seed, r in per_seed.items():
         (tmp_path / f"seed_{seed}").mkdir()
         (tmp_path / f"seed_{seed}" / "sweep_results.json").write_text(json.dumps(r))
     write_sweep_seeds_report(str(tmp_path), [0, 1, 2])
     text = (tmp_path / "report_seeds.md").read_text()
     assert f"| {label} | 3 | 54.0 ± 9.5 | +4.0 ± 1.0 * |" in text
+    assert f"| {label} | control: distillation 2ep | 3 | +9.0 ± 1.0 * |" in text
 
 
 def test_cli_takes_seeds(tmp_path, capsys):

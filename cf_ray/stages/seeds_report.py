@@ -207,10 +207,12 @@ def summarize_sweep(per_seed: dict[int, dict]) -> dict:
             if all((per_seed[s]["references"].get(m) or {}).get(t) for m in ("random", "pretrained"))
         }
         rows = {m: {s: {l: refs[s][m][t][l]["score"] for l in layers} for s in refs} for m in ("random", "pretrained")}
+        meta = {}
         for s in refs:
             for r in per_seed[s].get("rows", []):
                 if t in r.get("transfer", {}):
                     rows.setdefault(_label(r), {})[s] = {l: r["transfer"][t][l]["score"] for l in layers}
+                    meta[_label(r)] = r
         for name, by_seed in rows.items():
             have = sorted(by_seed)
             out["rows"][name] = {
@@ -220,7 +222,27 @@ def summarize_sweep(per_seed: dict[int, dict]) -> dict:
                     l: paired([by_seed[s][l] for s in have], [rows["pretrained"][s][l] for s in have]) for l in layers
                 },
             }
+        for name, r in meta.items():
+            if r["kind"] != "clusterfit":
+                continue
+            vs = out["rows"][name]["vs_controls"] = {}
+            for c, m in meta.items():
+                if same_compute(r, m):
+                    both = sorted(set(rows[name]) & set(rows[c]))
+                    vs[c] = {l: paired([rows[name][s][l] for s in both], [rows[c][s][l] for s in both]) for l in layers}
     return {"seeds": seeds, "rule": SIGNIFICANCE_RULE, "targets": targets}
+
+
+def same_compute(setting: dict, control: dict) -> bool:
+    """Whether ``control`` (a sweep row) is the same-compute match of ClusterFit ``setting``: the same network, as
+    many images through it, a control epoch of a multi-view task (RotNet: 4 rotations) counting as that many views
+    (Sweep.control_epochs). A wider retrained network (grid.model) has no same-compute control."""
+    from cf_ray.train.tasks import get_task
+
+    if control["kind"] == "clusterfit" or "task" not in control:
+        return False
+    same_net = all(setting["model"].get(f) == control["model"].get(f) for f in ("arch", "width"))
+    return same_net and math.ceil(setting["epochs"] / get_task(control["task"]).views) == control["epochs"]
 
 
 def sweep_lines(summary: dict) -> list[str]:
@@ -242,6 +264,20 @@ def sweep_lines(summary: dict) -> list[str]:
             cells += ["" if name == "pretrained" else fmt(row["vs_pretrained"][l], signed=True) for l in layers]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        pairs = [(name, c, d) for name, row in res["rows"].items() for c, d in row.get("vs_controls", {}).items()]
+        if pairs:
+            lines += [
+                "ClusterFit against its same-compute controls (the paper's claim that the gain is not just extra "
+                "training): the setting minus the control trained for as many images through the network, paired "
+                "by seed (points).",
+                "",
+                "| ClusterFit setting | control | seeds | " + " | ".join(layers) + " |",
+                "|---" * (3 + len(layers)) + "|",
+            ]
+            for name, c, d in pairs:
+                cells = [name, c, str(d[layers[0]]["n"])] + [fmt(d[l], signed=True) for l in layers]
+                lines.append("| " + " | ".join(cells) + " |")
+            lines.append("")
     return lines
 
 
