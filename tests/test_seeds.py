@@ -154,7 +154,7 @@ def test_job_seeds_report_files(tmp_path):
     assert last in text
 
 
-def _sweep_results(pre: float, row: float) -> dict:
+def _sweep_results(pre: float, row: float, fit: float = 0.75) -> dict:
     ref = lambda v: {"target": {"res5": {"score": v}}}  # noqa: E731
     setting = {
         "kind": "clusterfit",
@@ -162,8 +162,10 @@ def _sweep_results(pre: float, row: float) -> dict:
         "layer": "res5",
         "epochs": 8,
         "model": {"arch": "resnet_tiny", "width": 16},
+        "cluster": {"nmi": 0.2},
+        "train_acc": fit,
     }
-    control = {"task": "rotation", "model": {"arch": "resnet_tiny", "width": 16}}
+    control = {"task": "rotation", "model": {"arch": "resnet_tiny", "width": 16}, "train_acc": 0.9}
     return {
         "references": {"random": ref(0.3), "pretrained": ref(pre)},
         "rows": [
@@ -176,7 +178,7 @@ def _sweep_results(pre: float, row: float) -> dict:
 
 
 def test_sweep_summary_and_report(tmp_path):
-    per_seed = {0: _sweep_results(0.50, 0.53), 1: _sweep_results(0.60, 0.64), 2: _sweep_results(0.40, 0.45)}
+    per_seed = {0: _sweep_results(0.50, 0.53, 0.7), 1: _sweep_results(0.60, 0.64), 2: _sweep_results(0.40, 0.45, 0.8)}
     s = summarize_sweep(per_seed)
     rows = s["targets"]["target"]["rows"]
     label = "ClusterFit K=10 res5 8ep resnet_tiny w16"
@@ -198,6 +200,9 @@ def test_sweep_summary_and_report(tmp_path):
     text = (tmp_path / "report_seeds.md").read_text()
     assert f"| {label} | 3 | 54.0 ± 9.5 | +4.0 ± 1.0 * |" in text
     assert f"| {label} | control: distillation 2ep | 3 | +9.0 ± 1.0 * |" in text
+    # the clusters' NMI and each row's fit of its own targets, over the seeds (0.70, 0.75, 0.80 below)
+    assert s["fit"][label]["train_acc"]["mean"] == pytest.approx(0.75)
+    assert f"| {label} | 3 | 0.200 ± 0.000 |  | 75.0 ± 5.0 |" in text
 
 
 def test_cli_takes_seeds(tmp_path, capsys):

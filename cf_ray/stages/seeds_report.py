@@ -37,14 +37,14 @@ def paired(a: list[float], b: list[float]) -> dict:
     return out
 
 
-def fmt(stat: dict, scale: float = 100.0, signed: bool = False) -> str:
+def fmt(stat: dict, scale: float = 100.0, signed: bool = False, digits: int = 1) -> str:
     """'53.9 ± 1.2' (points) from a mean_sd / paired dict; '*' after a significant difference."""
     if stat is None or stat["mean"] is None:
         return ""
-    spec = "+.1f" if signed else ".1f"
+    spec = f"{'+' if signed else ''}.{digits}f"
     text = format(scale * stat["mean"], spec)
     if stat["sd"] is not None:
-        text += f" ± {scale * stat['sd']:.1f}"
+        text += f" ± {scale * stat['sd']:.{digits}f}"
     return text + (" *" if stat.get("significant") else "")
 
 
@@ -230,7 +230,24 @@ def summarize_sweep(per_seed: dict[int, dict]) -> dict:
                 if same_compute(r, m):
                     both = sorted(set(rows[name]) & set(rows[c]))
                     vs[c] = {l: paired([rows[name][s][l] for s in both], [rows[c][s][l] for s in both]) for l in layers}
-    return {"seeds": seeds, "rule": SIGNIFICANCE_RULE, "targets": targets}
+    return {"seeds": seeds, "rule": SIGNIFICANCE_RULE, "targets": targets, "fit": summarize_fit(per_seed)}
+
+
+def summarize_fit(per_seed: dict[int, dict]) -> dict:
+    """Per sweep row (by label): mean ± sd over the seeds of its clusters' NMI and purity against the source labels
+    (where known) and of the trained network's accuracy on its own targets, the figure that tracks transfer."""
+    from cf_ray.stages.sweep_report import _label
+
+    values: dict[str, dict[str, list[float]]] = {}
+    for s in sorted(per_seed):
+        for r in per_seed[s].get("rows", []):
+            row = values.setdefault(_label(r), {"nmi": [], "purity": [], "train_acc": []})
+            cluster = r.get("cluster", {})
+            found = {"nmi": cluster.get("nmi"), "purity": cluster.get("purity"), "train_acc": r["train_acc"]}
+            for key, v in found.items():
+                if v is not None:
+                    row[key].append(v)
+    return {name: {k: mean_sd(v) for k, v in row.items() if v} for name, row in values.items()}
 
 
 def same_compute(setting: dict, control: dict) -> bool:
@@ -278,6 +295,22 @@ def sweep_lines(summary: dict) -> list[str]:
                 cells = [name, c, str(d[layers[0]]["n"])] + [fmt(d[l], signed=True) for l in layers]
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
+    if summary.get("fit"):
+        lines += [
+            "## Clusters and fit",
+            "",
+            "NMI and purity of the clusters against the source's labels (where it has them); train acc: the "
+            "trained network's accuracy on its own targets (pseudo-labels, or the control's task) at its last "
+            "epoch. Mean ± sd over the seeds.",
+            "",
+            "| row | seeds | NMI | purity | train acc (%) |",
+            "|---|---|---|---|---|",
+        ]
+        for name, fit in summary["fit"].items():
+            n = fit["train_acc"]["n"]
+            cells = [fmt(fit.get(k), scale=1, digits=3) for k in ("nmi", "purity")] + [fmt(fit["train_acc"])]
+            lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
+        lines.append("")
     return lines
 
 
