@@ -243,11 +243,12 @@ def summarize_fit(per_seed: dict[int, dict]) -> dict:
         for r in per_seed[s].get("rows", []):
             row = values.setdefault(_label(r), {"nmi": [], "purity": [], "train_acc": []})
             cluster = r.get("cluster", {})
-            found = {"nmi": cluster.get("nmi"), "purity": cluster.get("purity"), "train_acc": r["train_acc"]}
+            found = {"nmi": cluster.get("nmi"), "purity": cluster.get("purity"), "train_acc": r.get("train_acc")}
             for key, v in found.items():
                 if v is not None:
                     row[key].append(v)
-    return {name: {k: mean_sd(v) for k, v in row.items() if v} for name, row in values.items()}
+    fit = {name: {k: mean_sd(v) for k, v in row.items() if v} for name, row in values.items()}
+    return {name: stats for name, stats in fit.items() if stats}
 
 
 def same_compute(setting: dict, control: dict) -> bool:
@@ -258,7 +259,7 @@ def same_compute(setting: dict, control: dict) -> bool:
 
     if control["kind"] == "clusterfit" or "task" not in control:
         return False
-    same_net = all(setting["model"].get(f) == control["model"].get(f) for f in ("arch", "width"))
+    same_net = all(setting.get("model", {}).get(f) == control.get("model", {}).get(f) for f in ("arch", "width"))
     return same_net and math.ceil(setting["epochs"] / get_task(control["task"]).views) == control["epochs"]
 
 
@@ -307,8 +308,8 @@ def sweep_lines(summary: dict) -> list[str]:
             "|---|---|---|---|---|",
         ]
         for name, fit in summary["fit"].items():
-            n = fit["train_acc"]["n"]
-            cells = [fmt(fit.get(k), scale=1, digits=3) for k in ("nmi", "purity")] + [fmt(fit["train_acc"])]
+            n = max(stat["n"] for stat in fit.values())
+            cells = [fmt(fit.get(k), scale=1, digits=3) for k in ("nmi", "purity")] + [fmt(fit.get("train_acc"))]
             lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
