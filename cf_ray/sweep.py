@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 import re
 
@@ -42,7 +41,7 @@ from cf_ray.stages import names
 from cf_ray.stages.cluster import read_assignments, run_cluster
 from cf_ray.stages.extract import ExtractPool
 from cf_ray.stages.probe import run_probe
-from cf_ray.train.tasks import get_task
+from cf_ray.train.tasks import same_compute_epochs
 
 logger = logging.getLogger(__name__)
 
@@ -348,8 +347,8 @@ class Sweep:
         if self.cfg.controls.epochs:
             return [self.cfg.controls.epochs]
         pre = self.base_cfg.pretrain
-        views = get_task("labels" if pre.source == "labels" else pre.proxy).views
-        return sorted({math.ceil(e / views) for e in self.cfg.grid.epochs})
+        task = "labels" if pre.source == "labels" else pre.proxy
+        return sorted({same_compute_epochs(e, task) for e in self.cfg.grid.epochs})
 
     def run_control(self, name: str, epochs: int) -> dict:
         from cf_ray.stages.controls import latest_state, load_teacher, soft_targets

@@ -20,7 +20,8 @@ def _results(pre: float, cf: float) -> dict:
     """A sweep_results.json with one target and layer: random 0.2, pre-trained ``pre``, one setting ``cf``."""
     ref = lambda v: {"target": {"res5": {"score": v}}}  # noqa: E731
     setting = {"kind": "clusterfit", "k": 6, "layer": "res5", "epochs": 1, "model": {"arch": "resnet_tiny", "width": 8}}
-    control = {"kind": "distill", "epochs": 1, "transfer": ref(pre + 0.01)}  # one point above pre-trained
+    control = {"kind": "distill", "task": "labels", "epochs": 1, "model": setting["model"]}  # same compute
+    control["transfer"] = ref(pre + 0.01)  # one point above pre-trained
     return {
         "references": {"random": ref(0.2), "pretrained": ref(pre)},
         "rows": [{**setting, "transfer": ref(cf)}, control],

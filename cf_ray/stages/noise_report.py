@@ -3,8 +3,6 @@ seed) at every noise level, the change of that gain from the lowest to the highe
 
 from __future__ import annotations
 
-import itertools
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -27,13 +25,15 @@ def summarize_noise(per_level: dict[float, dict[int, dict]]) -> dict:
     for level in levels:
         summary = summarize_sweep(per_level[level])
         for t, res in summary["targets"].items():
-            out = targets.setdefault(t, {"layers": res["layers"], "rows": {}})
+            out = targets.setdefault(t, {"layers": res["layers"], "rows": {}, "versus": {}})
             for name, row in res["rows"].items():
                 out["rows"].setdefault(name, {})[level] = {
                     "seeds": row["seeds"],
                     "scores": row["scores"],
                     "gain": None if name == "pretrained" else row["vs_pretrained"],
                 }
+                for c, diff in row.get("vs_controls", {}).items():
+                    out["versus"].setdefault(f"{name} - {c}", {})[level] = diff
     for out in targets.values():
         out["trend"] = {}
         for name, by_level in out["rows"].items():
@@ -42,7 +42,6 @@ def summarize_noise(per_level: dict[float, dict[int, dict]]) -> dict:
                 continue
             lo, hi = by_level[have[0]], by_level[have[-1]]
             out["trend"][name] = {l: paired(*_aligned(hi, lo, "gain", l)) for l in out["layers"]}
-        out["versus"] = versus_controls(out["rows"], out["layers"])
     return {"levels": levels, "targets": targets}
 
 
@@ -52,19 +51,6 @@ def _aligned(a: dict, b: dict, key: str, layer: str) -> tuple[list[float], list[
     common = sorted(set(a["seeds"]) & set(b["seeds"]))
     pick = lambda r: [r[key][layer]["values"][r["seeds"].index(s)] for s in common]  # noqa: E731
     return pick(a), pick(b)
-
-
-def versus_controls(rows: dict, layers: list[str]) -> dict:
-    """The paper's claim (c): every ClusterFit row minus every control row, per level and layer, paired by seed."""
-    fits = [n for n in rows if n.startswith("ClusterFit")]
-    controls = [n for n in rows if n.startswith("control")]
-    out = {}
-    for f, c in itertools.product(fits, controls):
-        levels = [lv for lv in rows[f] if lv in rows[c]]
-        out[f"{f} - {c}"] = {
-            lv: {l: paired(*_aligned(rows[f][lv], rows[c][lv], "scores", l)) for l in layers} for lv in levels
-        }
-    return out
 
 
 def noise_lines(summary: dict, plots: dict[str, str], levels: list[float]) -> list[str]:

@@ -255,12 +255,12 @@ def same_compute(setting: dict, control: dict) -> bool:
     """Whether ``control`` (a sweep row) is the same-compute match of ClusterFit ``setting``: the same network, as
     many images through it, a control epoch of a multi-view task (RotNet: 4 rotations) counting as that many views
     (Sweep.control_epochs). A wider retrained network (grid.model) has no same-compute control."""
-    from cf_ray.train.tasks import get_task
+    from cf_ray.train.tasks import same_compute_epochs
 
     if control["kind"] == "clusterfit" or "task" not in control:
         return False
     same_net = all(setting.get("model", {}).get(f) == control.get("model", {}).get(f) for f in ("arch", "width"))
-    return same_net and math.ceil(setting["epochs"] / get_task(control["task"]).views) == control["epochs"]
+    return same_net and same_compute_epochs(setting["epochs"], control["task"]) == control["epochs"]
 
 
 def sweep_lines(summary: dict) -> list[str]:

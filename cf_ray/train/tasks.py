@@ -10,6 +10,7 @@ controls and the learning-rate scaling count them), its modalities, and the soft
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -59,6 +60,12 @@ def get_task(name: str) -> Task:
     if name not in TASKS:
         raise KeyError(f"unknown training task {name!r}; registered: {', '.join(sorted(TASKS))}")
     return TASKS[name]
+
+
+def same_compute_epochs(epochs: int, task: str) -> int:
+    """Epochs of ``task`` that put as many images through the network as ``epochs`` one-view epochs (ClusterFit
+    retraining), rounded up in the task's favour: a RotNet epoch shows every image 4 times."""
+    return math.ceil(epochs / get_task(task).views)
 
 
 def proxy_tasks() -> list[str]:
