@@ -15,6 +15,7 @@ from cf_ray import features
 from cf_ray.config import ClusterConfig, ConfigError, JobConfig, ProbeConfig, load_config
 from cf_ray.seeds import SEED_FIELDS, parse_seeds, seed_values, sweep_with_seed, with_seed
 from cf_ray.stages.seeds_report import (
+    commands_behind,
     mean_sd,
     paired,
     summarize_job,
@@ -142,7 +143,7 @@ def test_job_seeds_report_files(tmp_path):
         if seed != 2:  # seed 2 has not finished
             (tmp_path / f"seed_{seed}").mkdir()
             (tmp_path / f"seed_{seed}" / "metrics.json").write_text(json.dumps(m))
-    write_job_seeds_report(str(tmp_path), [0, 1, 2], "python jobs/clusterfit_image.py --demo --seeds 0,1,2")
+    write_job_seeds_report(str(tmp_path), [0, 1, 2], ["python jobs/clusterfit_image.py --demo --seeds 0,1,2"])
     summary = json.loads((tmp_path / "seeds.json").read_text())
     assert summary["seeds"] == [0, 1] and summary["missing"] == [2]
     text = (tmp_path / "report_seeds.md").read_text()
@@ -281,5 +282,25 @@ def test_report_stage_over_seeds_keeps_the_command_that_made_the_runs(tmp_path):
     assert (tmp_path / "seed_1" / "report.md").exists() and "seed: 1\n" in (
         tmp_path / "seed_1" / "config.yaml"
     ).read_text()
-    assert json.loads((tmp_path / "seeds.json").read_text())["command"] == "python jobs/clusterfit_image.py --seeds 0,1"
+    assert json.loads((tmp_path / "seeds.json").read_text())["commands"] == [
+        "python jobs/clusterfit_image.py --seeds 0,1"
+    ]
     assert out["report"] == str(tmp_path / "report_seeds.md")
+
+
+def test_a_sweep_directory_filled_by_two_commands_names_both(tmp_path):
+    """A second grid into the same run_dir adds rows, so the report must list both commands, in order; rerunning
+    one (a resume) adds nothing, and a report-only rewrite keeps them without adding itself."""
+    per_seed = {0: _sweep_results(0.50, 0.53, 0.7), 1: _sweep_results(0.60, 0.64)}
+    for seed, r in per_seed.items():
+        (tmp_path / f"seed_{seed}").mkdir()
+        (tmp_path / f"seed_{seed}" / "sweep_results.json").write_text(json.dumps(r))
+    first, second = "sweep --seeds 0,1 'grid.k=[50]'", "sweep --seeds 0,1 'grid.layer=[res4]'"
+    for command, report_only in [(first, False), (second, False), (first, False), ("sweep --report-only", True)]:
+        write_sweep_seeds_report(str(tmp_path), [0, 1], commands_behind(str(tmp_path), "seeds", command, report_only))
+    assert json.loads((tmp_path / "seeds.json").read_text())["commands"] == [first, second]
+    text = (tmp_path / "report_seeds.md").read_text()
+    assert f"Reproduce (in this order; each command adds its rows):\n\n```bash\n{first}\n{second}\n```" in text
+    # a summary written before the list existed (one "command") is read as a list of one
+    (tmp_path / "seeds.json").write_text(json.dumps({"command": first}))
+    assert commands_behind(str(tmp_path), "seeds", second) == [first, second]

@@ -134,18 +134,30 @@ def read_seeds(root: str, seeds: list[int], name: str) -> tuple[dict[int, dict],
     return per_seed, missing
 
 
+def commands_behind(root: str, name: str, command: str, report_only: bool = False) -> list[str]:
+    """The commands that made the runs in ``root``, in order: those its <name>.json records, then ``command``
+    unless it only rewrites reports or is there already. A directory accumulates (a sweep with another grid adds
+    its rows), so the report has to name every command behind its numbers, not just the last one."""
+    path = storage.join(root, f"{name}.json")
+    before = storage.read_json(path) if storage.exists(path) else {}
+    commands = list(before.get("commands") or ([before["command"]] if before.get("command") else []))
+    if command and not report_only and command not in commands:
+        commands.append(command)
+    return commands
+
+
 def write_seeds_report(
     root: str,
     title: str,
     what: str,
     body: list[str],
     summary: dict,
-    command: str,
+    commands: list[str],
     layout: str = "seed_<s>/",
     name: str = "seeds",
 ) -> dict:
-    """report_<name>.md (title, versions, where the runs are, the command, the rule, ``body``, missing seeds) and
-    <name>.json (``summary`` with versions and command) in ``root``."""
+    """report_<name>.md (title, versions, where the runs are, the commands, the rule, ``body``, missing seeds) and
+    <name>.json (``summary`` with versions and commands) in ``root``."""
     lines = [
         f"# {title}",
         "",
@@ -155,20 +167,21 @@ def write_seeds_report(
         "Seed s adds s to every seed field of the config (docs/reproducibility.md).",
         "",
     ]
-    if command:
-        lines += ["Reproduce:", "", "```bash", command, "```", ""]
+    if commands:
+        intro = "Reproduce:" if len(commands) == 1 else "Reproduce (in this order; each command adds its rows):"
+        lines += [intro, "", "```bash", *commands, "```", ""]
     lines += [SIGNIFICANCE_RULE, ""] + body
     if summary["missing"]:
         missing = ", ".join(map(str, summary["missing"]))
         lines += [f"Seeds without results yet (rerun the same command): {missing}.", ""]
-    summary["versions"], summary["command"] = software_versions(), command
+    summary["versions"], summary["commands"] = software_versions(), list(commands)
     report, data = storage.join(root, f"report_{name}.md"), storage.join(root, f"{name}.json")
     storage.write_json(data, summary)
     storage.write_bytes(report, "\n".join(lines).encode())
     return {"report": report, "summary": data}
 
 
-def write_job_seeds_report(root: str, seeds: list[int], command: str = "") -> dict:
+def write_job_seeds_report(root: str, seeds: list[int], commands: list[str] = ()) -> dict:
     """report_seeds.md and seeds.json in ``root`` from the metrics.json of each ``root/seed_<s>`` that has one."""
     per_seed, missing = read_seeds(root, seeds, "metrics.json")
     summary = summarize_job(per_seed)
@@ -183,7 +196,7 @@ def write_job_seeds_report(root: str, seeds: list[int], command: str = "") -> di
                 + " |"
             )
         body.append("")
-    return write_seeds_report(root, "ClusterFit over seeds", "run", body, summary, command)
+    return write_seeds_report(root, "ClusterFit over seeds", "run", body, summary, commands)
 
 
 # --- a sweep's seeds ---------------------------------------------------------------------------------------------
@@ -315,9 +328,9 @@ def sweep_lines(summary: dict) -> list[str]:
     return lines
 
 
-def write_sweep_seeds_report(root: str, seeds: list[int], command: str = "") -> dict:
+def write_sweep_seeds_report(root: str, seeds: list[int], commands: list[str] = ()) -> dict:
     """report_seeds.md and seeds.json in ``root`` from each ``root/seed_<s>/sweep_results.json``."""
     per_seed, missing = read_seeds(root, seeds, "sweep_results.json")
     summary = summarize_sweep(per_seed)
     summary["missing"] = missing
-    return write_seeds_report(root, "ClusterFit sweep over seeds", "sweep", sweep_lines(summary), summary, command)
+    return write_seeds_report(root, "ClusterFit sweep over seeds", "sweep", sweep_lines(summary), summary, commands)
