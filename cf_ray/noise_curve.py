@@ -31,7 +31,7 @@ def sweep_at_noise(cfg, level: float):
 def run_noise_curve(cfg, seeds: list[int], report_only: bool = False, command: str = "") -> dict:
     """Every (seed, level) sweep that is not finished, each level's seeds report, then report_noise.md."""
     from cf_ray.stages.noise_report import write_noise_report
-    from cf_ray.stages.seeds_report import commands_behind, write_sweep_seeds_report
+    from cf_ray.stages.seeds_report import write_sweep_seeds_report
     from cf_ray.sweep import run_sweep
 
     levels = cfg.noise_levels
@@ -46,8 +46,7 @@ def run_noise_curve(cfg, seeds: list[int], report_only: bool = False, command: s
             run_sweep(at, report_only=report_only)
     root = storage.absolute(cfg.run_dir)
     for level in levels:
-        at = noise_dir(root, level)
-        write_sweep_seeds_report(at, seeds, commands_behind(at, "seeds", command, report_only))
-    out = write_noise_report(root, levels, seeds, commands_behind(root, "noise", command, report_only))
+        write_sweep_seeds_report(noise_dir(root, level), seeds, command, report_only)
+    out = write_noise_report(root, levels, seeds, command, report_only)
     logger.info(f"noise curve report: {out['report']}")
     return {"run_dir": root, **out}

@@ -66,7 +66,7 @@ def seed_values(cfg: JobConfig) -> dict[str, int]:
 def run_job_seeds(cfg: JobConfig, seeds: list[int], stage: str = "all", command: str = "") -> dict:
     """Run ``stage`` ('all' or a `cf-ray <stage>` name) for every seed in turn, then write the seeds report."""
     from cf_ray import pipeline
-    from cf_ray.stages.seeds_report import commands_behind, write_job_seeds_report
+    from cf_ray.stages.seeds_report import write_job_seeds_report
 
     for s in seeds:
         logger.info(f"seeds: seed {s} ({seeds.index(s) + 1} of {len(seeds)}) in {seed_dir(cfg.run_dir, s)}")
@@ -75,7 +75,7 @@ def run_job_seeds(cfg: JobConfig, seeds: list[int], stage: str = "all", command:
         else:
             pipeline.run_cli_stage(stage, with_seed(cfg, s))
     root = storage.absolute(cfg.run_dir)
-    out = write_job_seeds_report(root, seeds, commands_behind(root, "seeds", command, report_only=stage == "report"))
+    out = write_job_seeds_report(root, seeds, command, report_only=stage == "report")
     logger.info(f"seeds report: {out['report']}")
     return {"run_dir": root, **out}
 
@@ -85,14 +85,14 @@ def run_sweep_seeds(cfg, seeds: list[int], report_only: bool = False, command: s
 
     A base_run (or fuse_run) made by the job's own ``--seeds`` (it holds seed_<s> run directories) gives each seed
     its own pre-training, ``<base_run>/seed_<s>``; a plain run directory is shared, the same pre-training for all."""
-    from cf_ray.stages.seeds_report import commands_behind, write_sweep_seeds_report
+    from cf_ray.stages.seeds_report import write_sweep_seeds_report
     from cf_ray.sweep import run_sweep
 
     for s in seeds:
         logger.info(f"seeds: sweep seed {s} ({seeds.index(s) + 1} of {len(seeds)}) in {seed_dir(cfg.run_dir, s)}")
         run_sweep(sweep_with_seed(cfg, s), report_only=report_only)
     root = storage.absolute(cfg.run_dir)
-    out = write_sweep_seeds_report(root, seeds, commands_behind(root, "seeds", command, report_only))
+    out = write_sweep_seeds_report(root, seeds, command, report_only)
     logger.info(f"seeds report: {out['report']}")
     return {"run_dir": root, **out}
 

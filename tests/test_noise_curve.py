@@ -48,7 +48,7 @@ def test_gain_per_level_and_its_trend_are_paired_by_seed(tmp_path):
             d = tmp_path / f"noise_{level:g}" / f"seed_{seed}"
             d.mkdir(parents=True)
             (d / "sweep_results.json").write_text(json.dumps(res))
-    out = write_noise_report(str(tmp_path), [0.0, 0.5, 0.75], [0, 1], ["python jobs/clusterfit_sweep.py ..."])
+    out = write_noise_report(str(tmp_path), [0.0, 0.5, 0.75], [0, 1], "python jobs/clusterfit_sweep.py ...")
     text = Path(out["report"]).read_text()
     assert f"| {LABEL} | res5 | -3.0 ± 1.4 * | +2.0 ± 1.4 |  | +5.0 ± 2.8 |" in text
     assert "| pretrained | res5 | 55.0 ± 7.1 | 35.0 ± 7.1 |  |" in text

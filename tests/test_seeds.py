@@ -143,7 +143,7 @@ def test_job_seeds_report_files(tmp_path):
         if seed != 2:  # seed 2 has not finished
             (tmp_path / f"seed_{seed}").mkdir()
             (tmp_path / f"seed_{seed}" / "metrics.json").write_text(json.dumps(m))
-    write_job_seeds_report(str(tmp_path), [0, 1, 2], ["python jobs/clusterfit_image.py --demo --seeds 0,1,2"])
+    write_job_seeds_report(str(tmp_path), [0, 1, 2], "python jobs/clusterfit_image.py --demo --seeds 0,1,2")
     summary = json.loads((tmp_path / "seeds.json").read_text())
     assert summary["seeds"] == [0, 1] and summary["missing"] == [2]
     text = (tmp_path / "report_seeds.md").read_text()
@@ -297,7 +297,7 @@ def test_a_sweep_directory_filled_by_two_commands_names_both(tmp_path):
         (tmp_path / f"seed_{seed}" / "sweep_results.json").write_text(json.dumps(r))
     first, second = "sweep --seeds 0,1 'grid.k=[50]'", "sweep --seeds 0,1 'grid.layer=[res4]'"
     for command, report_only in [(first, False), (second, False), (first, False), ("sweep --report-only", True)]:
-        write_sweep_seeds_report(str(tmp_path), [0, 1], commands_behind(str(tmp_path), "seeds", command, report_only))
+        write_sweep_seeds_report(str(tmp_path), [0, 1], command, report_only)
     assert json.loads((tmp_path / "seeds.json").read_text())["commands"] == [first, second]
     text = (tmp_path / "report_seeds.md").read_text()
     assert f"Reproduce (in this order; each command adds its rows):\n\n```bash\n{first}\n{second}\n```" in text

@@ -131,7 +131,9 @@ def plot_noise(res: dict, levels: list[float], title: str, path: str) -> None:
     _save(fig, path)
 
 
-def write_noise_report(root: str, levels: list[float], seeds: list[int], commands: list[str] = ()) -> dict:
+def write_noise_report(
+    root: str, levels: list[float], seeds: list[int], command: str = "", report_only: bool = False
+) -> dict:
     """report_noise.md, noise.json and plots/noise_<target>.png in ``root`` from every
     ``root/noise_<level>/seed_<s>/sweep_results.json`` that exists."""
     per_level, missing = {}, []
@@ -148,4 +150,4 @@ def write_noise_report(root: str, levels: list[float], seeds: list[int], command
         plot_noise(res, summary["levels"], t, storage.join(root, plots[t]))
     body = noise_lines(summary, plots, sorted(levels))
     title, what, layout = "The label-noise curve", "sweep per noise level and", "noise_<level>/seed_<s>/"
-    return write_seeds_report(root, title, what, body, summary, commands, layout, name="noise")
+    return write_seeds_report(root, title, what, body, summary, command, report_only, layout, name="noise")

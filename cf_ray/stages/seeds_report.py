@@ -152,12 +152,15 @@ def write_seeds_report(
     what: str,
     body: list[str],
     summary: dict,
-    commands: list[str],
+    command: str = "",
+    report_only: bool = False,
     layout: str = "seed_<s>/",
     name: str = "seeds",
 ) -> dict:
     """report_<name>.md (title, versions, where the runs are, the commands, the rule, ``body``, missing seeds) and
-    <name>.json (``summary`` with versions and commands) in ``root``."""
+    <name>.json (``summary`` with versions and commands) in ``root``. ``command`` joins the commands already
+    recorded there (``commands_behind``)."""
+    commands = commands_behind(root, name, command, report_only)
     lines = [
         f"# {title}",
         "",
@@ -181,7 +184,7 @@ def write_seeds_report(
     return {"report": report, "summary": data}
 
 
-def write_job_seeds_report(root: str, seeds: list[int], commands: list[str] = ()) -> dict:
+def write_job_seeds_report(root: str, seeds: list[int], command: str = "", report_only: bool = False) -> dict:
     """report_seeds.md and seeds.json in ``root`` from the metrics.json of each ``root/seed_<s>`` that has one."""
     per_seed, missing = read_seeds(root, seeds, "metrics.json")
     summary = summarize_job(per_seed)
@@ -196,7 +199,7 @@ def write_job_seeds_report(root: str, seeds: list[int], commands: list[str] = ()
                 + " |"
             )
         body.append("")
-    return write_seeds_report(root, "ClusterFit over seeds", "run", body, summary, commands)
+    return write_seeds_report(root, "ClusterFit over seeds", "run", body, summary, command, report_only)
 
 
 # --- a sweep's seeds ---------------------------------------------------------------------------------------------
@@ -328,9 +331,10 @@ def sweep_lines(summary: dict) -> list[str]:
     return lines
 
 
-def write_sweep_seeds_report(root: str, seeds: list[int], commands: list[str] = ()) -> dict:
+def write_sweep_seeds_report(root: str, seeds: list[int], command: str = "", report_only: bool = False) -> dict:
     """report_seeds.md and seeds.json in ``root`` from each ``root/seed_<s>/sweep_results.json``."""
     per_seed, missing = read_seeds(root, seeds, "sweep_results.json")
     summary = summarize_sweep(per_seed)
     summary["missing"] = missing
-    return write_seeds_report(root, "ClusterFit sweep over seeds", "sweep", sweep_lines(summary), summary, commands)
+    lines = sweep_lines(summary)
+    return write_seeds_report(root, "ClusterFit sweep over seeds", "sweep", lines, summary, command, report_only)
